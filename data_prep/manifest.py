@@ -69,6 +69,7 @@ class Manifest:
         directory = Path(directory)
         path = directory / MANIFEST_NAME
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=".manifest-", suffix=".tmp")
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; readers may be other users
         with os.fdopen(fd, "w") as f:
             json.dump(self.to_dict(), f, indent=1)
             f.write("\n")

@@ -13,6 +13,7 @@ import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from PIL import Image
 
@@ -83,10 +84,22 @@ def iter_tar_samples(path: str | Path) -> Iterator[RawSample]:
                 if current is None:
                     current = RawSample(key=key, position=position)
                 current.files[ext] = data
+            check_end_of_archive(fileobj, tar.offset, path)
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise ShardReadError(f"{path}: {type(exc).__name__}: {exc}") from exc
     if current is not None:
         yield current
+
+
+def check_end_of_archive(fileobj: BinaryIO, offset: int, path: str | Path) -> None:
+    """Raise :class:`ShardReadError` unless the zero block that ends a tar sits at ``offset``.
+
+    ``tarfile`` silently stops at a truncated or garbled header, so without this check a shard
+    cut at (or inside) a member header would read as a shorter, valid shard.
+    """
+    fileobj.seek(offset)
+    if fileobj.read(tarfile.BLOCKSIZE) != bytes(tarfile.BLOCKSIZE):
+        raise ShardReadError(f"{path}: truncated or corrupt at byte {offset} (no end-of-archive)")
 
 
 def decode_image(data: bytes) -> Image.Image:

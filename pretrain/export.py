@@ -45,7 +45,9 @@ def backbone_spec(backbone: Backbone) -> dict[str, Any]:
     return spec
 
 
-def export_backbone(backbone: Backbone, out_dir: str | os.PathLike, extra: dict | None = None) -> Path:
+def export_backbone(
+    backbone: Backbone, out_dir: str | os.PathLike, extra: dict | None = None
+) -> Path:
     """Write ``out_dir/backbone.safetensors`` and ``backbone.yaml`` atomically (as one directory)."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)

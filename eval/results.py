@@ -1,0 +1,102 @@
+"""Eval results: one JSON object per (checkpoint, protocol, dataset), appended to a JSONL file.
+
+Record (contract, see DESIGN.md "Eval results")::
+
+    {"checkpoint": str, "sha256": str, "protocol": str, "dataset": str,
+     "metrics": {"top1": float, "top5": float}, "config": {...}, "seconds": float,
+     "versions": {"torch": ..., "torchvision": ..., "timm": ..., "python": ...}}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+import torchvision
+
+RECORD_KEYS = (
+    "checkpoint",
+    "sha256",
+    "protocol",
+    "dataset",
+    "metrics",
+    "config",
+    "seconds",
+    "versions",
+)
+
+
+def versions() -> dict[str, str]:
+    """Library versions that a result depends on."""
+    return {
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "timm": timm.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def dataset_name(path: str | os.PathLike) -> str:
+    """``/data/cifar10/test -> "cifar10/test"``: the data directory and its parent's name."""
+    return short_path(Path(path).resolve())
+
+
+def append_result(path: str | os.PathLike, record: dict[str, Any]) -> None:
+    """Append ``record`` as one JSON line to ``path`` (created if needed), flushed and fsynced."""
+    missing = [key for key in RECORD_KEYS if key not in record]
+    if missing:
+        raise ValueError(f"result record lacks {missing}")
+    line = json.dumps(record, sort_keys=False) + "\n"
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_results(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """All records of a results file, in file order."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def short_path(path: str | os.PathLike) -> str:
+    """``/runs/dino-r18/export -> "dino-r18/export"``: the last two components of a path."""
+    p = Path(path)
+    return f"{p.parent.name}/{p.name}" if p.parent.name else str(p)
+
+
+def _row(record: dict[str, Any]) -> list[str]:
+    metrics = record["metrics"]
+    init = record.get("config", {}).get("init", "trained")
+    name = short_path(record["checkpoint"]) + (" (random init)" if init == "random" else "")
+    return [
+        name,
+        record["protocol"],
+        f"{metrics.get('top1', float('nan')):.2f}",
+        f"{metrics.get('top5', float('nan')):.2f}",
+        f"{record['seconds']:.1f}",
+    ]
+
+
+def format_table(records: Sequence[dict[str, Any]]) -> str:
+    """An aligned markdown table: ``checkpoint | protocol | top1 | top5 | seconds``."""
+    header = ["checkpoint", "protocol", "top1", "top5", "seconds"]
+    rows = [header] + [_row(r) for r in records]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    numeric = (False, False, True, True, True)  # right-aligned columns
+
+    def fmt(row: list[str]) -> str:
+        cells = zip(row, widths, numeric, strict=True)
+        return "| " + " | ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in cells) + " |"
+
+    rule = "|".join(
+        "-" * (w + 1) + (":" if r else "-") for w, r in zip(widths, numeric, strict=True)
+    )
+    return "\n".join([fmt(header), f"|{rule}|"] + [fmt(r) for r in rows[1:]])

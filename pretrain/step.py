@@ -1,0 +1,24 @@
+"""One training step: the only place where backward happens."""
+
+from __future__ import annotations
+
+import torch
+
+from pretrain.engine.base import Engine
+from pretrain.methods.base import LossOutput, Method, StepState
+
+
+def train_step(
+    method: Method,
+    engine: Engine,
+    optimizer: torch.optim.Optimizer,
+    views: list[torch.Tensor],
+    state: StepState,
+) -> tuple[LossOutput, dict[str, float]]:
+    """forward (autocast) → backward → optimizer step → method's after-step (EMA, schedules)."""
+    with engine.autocast():
+        out = method(views, state)
+    engine.backward(out.loss)
+    logs = engine.step(optimizer, [p for p in method.student.parameters() if p.requires_grad])
+    logs.update(method.after_step(state))
+    return out, logs

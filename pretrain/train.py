@@ -1,0 +1,203 @@
+"""The training loop: build → resume → (batch → step → log → checkpoint)* → export."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pretrain import checkpoint as ckpt
+from pretrain.backbones import build_backbone
+from pretrain.config import Config, config_to_yaml, to_dict
+from pretrain.data.loader import TrainLoader
+from pretrain.data.views import AugConfig, ViewMaker
+from pretrain.dist import DistInfo, all_reduce_mean, init_distributed, pick_device
+from pretrain.engine import build_engine
+from pretrain.export import export_backbone
+from pretrain.methods import StepState, build_method
+from pretrain.metrics import MetricsLogger, Throughput
+from pretrain.optim import build_optimizer, set_lr
+from pretrain.schedules import warmup_cosine
+from pretrain.step import train_step
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    last_step: int
+    finished: bool
+    export_dir: Path | None
+
+
+def train(cfg: Config) -> RunResult:
+    info = init_distributed()
+    device = pick_device(info)
+    per_device_batch = check_batch(cfg, info)
+    run_dir = Path(cfg.run.dir)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
+
+    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+    method = build_method(cfg.method, build_backbone(cfg.backbone))
+    engine = build_engine(cfg.engine, device)
+    method = engine.wrap(method)
+    optimizer, peak_lr = build_optimizer(cfg.optim, method.student, cfg.run.global_batch_size)
+
+    start, loader_state = resume(run_dir, method, optimizer, engine, info)
+    loader = TrainLoader(
+        cfg.data.train,
+        view_maker(method.views, cfg.data.aug),
+        per_device_batch=per_device_batch,
+        num_workers=cfg.data.num_workers,
+        seed=cfg.run.seed,
+        rank=info.rank,
+        world_size=info.world_size,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+        state=loader_state,
+    )
+    metrics = MetricsLogger(run_dir, start, info.is_main, cfg.log.tensorboard)
+    end = cfg.run.stop_after or cfg.run.total_steps
+    log.info(
+        "training steps %d → %d of %d (per-device batch %d)",
+        start,
+        end,
+        cfg.run.total_steps,
+        per_device_batch,
+    )
+
+    def save(step: int) -> None:
+        state = {
+            "step": step,
+            "model": method.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "engine": engine.state_dict(),
+            "loader": loader.state_dict(),  # collective
+            "config": to_dict(cfg),
+        }
+        ckpt.save_checkpoint(run_dir, step, state, cfg.checkpoint.keep)
+
+    meter = Throughput()
+    batches = iter(loader)
+    step = start
+    while step < end:
+        t0 = time.perf_counter()
+        batch = next(batches)
+        views = [to_device(v, device, cfg.engine.channels_last) for v in batch["views"]]
+        wait = time.perf_counter() - t0
+        state = StepState(step=step, total_steps=cfg.run.total_steps)
+        lr = warmup_cosine(
+            step,
+            cfg.run.total_steps,
+            cfg.optim.warmup_steps,
+            peak_lr,
+            peak_lr * cfg.optim.final_lr_ratio,
+        )
+        set_lr(optimizer, lr)
+        out, step_logs = train_step(method, engine, optimizer, views, state)
+        meter.add(views[0].shape[0] * info.world_size, wait)
+        step += 1
+        if step % cfg.log.every == 0 or step == end:
+            loss = all_reduce_mean(out.loss.item(), device)  # syncs: only at log steps
+            values = {
+                "loss": loss,
+                "lr": lr,
+                **step_logs,
+                **meter.report(),
+                "corrupt_samples": loader.corrupt_count,
+            }
+            metrics.log(step, values)
+            log.info(progress_line(step, cfg.run.total_steps, values))
+        if step % cfg.checkpoint.every == 0 or step == end:
+            save(step)
+    metrics.close()
+
+    finished = step >= cfg.run.total_steps
+    export_dir = None
+    if finished and cfg.run.export and info.is_main:
+        export_dir = export_backbone(
+            method.export_backbone(),
+            run_dir / "export",
+            extra={"method": cfg.method.name, "step": step},
+        )
+        log.info("exported backbone to %s", export_dir)
+    return RunResult(last_step=step, finished=finished, export_dir=export_dir)
+
+
+def check_batch(cfg: Config, info: DistInfo) -> int:
+    """Per-device batch from the global one; it must divide evenly."""
+    if cfg.run.global_batch_size % info.world_size:
+        raise ValueError(
+            f"run.global_batch_size: {cfg.run.global_batch_size} is not divisible by the "
+            f"world size {info.world_size}"
+        )
+    return cfg.run.global_batch_size // info.world_size
+
+
+def resume(run_dir: Path, method, optimizer, engine, info: DistInfo) -> tuple[int, dict | None]:
+    """Load the newest complete checkpoint, if any: returns (step, loader state)."""
+    path = ckpt.latest_checkpoint(run_dir)
+    if path is None:
+        return 0, None
+    state, rank_state = ckpt.load_checkpoint(path)
+    method.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    engine.load_state_dict(state["engine"])
+    if rank_state is not None:
+        ckpt.set_rng_state(rank_state["rng"])
+    log.info("resumed from %s (step %d)", path, state["step"])
+    return state["step"], state["loader"]
+
+
+def to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
+
+
+def progress_line(step: int, total: int, values: dict) -> str:
+    return (
+        f"step {step}/{total} loss {values['loss']:.4f} lr {values['lr']:.4g} "
+        f"img/s {values['img_per_s']:.1f} data-wait {100 * values['data_wait']:.0f}%"
+    )
+
+
+def preflight(cfg: Config) -> None:
+    """Checks that need the filesystem or the launch, before any work (``ValueError``)."""
+    from data_prep.manifest import is_shard_dir
+
+    if not cfg.data.train:
+        raise ValueError("data.train: not set (a shard directory from 'python -m data_prep write')")
+    if not is_shard_dir(cfg.data.train):
+        raise ValueError(
+            f"data.train: {cfg.data.train} is not a shard directory (no manifest.json)"
+        )
+    from pretrain.dist import detect_launch
+
+    check_batch(cfg, detect_launch())
+
+
+def export_only(cfg: Config) -> Path:
+    """Export the backbone from the newest checkpoint of ``run.dir`` (no training)."""
+    path = ckpt.latest_checkpoint(cfg.run.dir)
+    if path is None:
+        raise ValueError(f"run.dir: no checkpoint in {cfg.run.dir}/checkpoints")
+    torch.manual_seed(cfg.run.seed)
+    method = build_method(cfg.method, build_backbone(cfg.backbone))
+    state, _ = ckpt.load_checkpoint(path)
+    method.load_state_dict(state["model"])
+    return export_backbone(
+        method.export_backbone(),
+        Path(cfg.run.dir) / "export",
+        extra={"method": cfg.method.name, "step": state["step"]},
+    )
+
+
+def view_maker(kind: str, aug: AugConfig) -> ViewMaker:
+    """The data side builds the views a method declares."""
+    if kind == "two_view":
+        return ViewMaker.two_view(aug)
+    raise ValueError(f"views {kind!r}: not implemented on the data side")

@@ -1,0 +1,52 @@
+"""Run a function in N gloo processes on the CPU and collect what each returns (for tests)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, out_dir: str) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        result = fn(rank, world, *args)
+        torch.save(result, Path(out_dir) / f"{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def run_distributed(fn: Callable, world: int, *args: Any) -> list[Any]:
+    """``fn(rank, world, *args)`` in ``world`` spawned processes; returns their results by rank.
+
+    ``fn`` must be importable (module level) and its result saveable with ``torch.save``.
+    """
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.start_processes(
+            _worker,
+            args=(world, free_port(), fn, args, out_dir),
+            nprocs=world,
+            start_method="spawn",
+        )
+        return [torch.load(Path(out_dir) / f"{r}.pt", weights_only=False) for r in range(world)]

@@ -1,0 +1,151 @@
+"""``python -m eval knn`` end to end on a tiny folder of real CIFAR-10 images."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from eval.__main__ import build_parser, main
+from pretrain.backbones import BackboneConfig, build_backbone
+from pretrain.export import export_backbone
+
+REPO = Path(__file__).resolve().parents[1]
+CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
+RECORD_KEYS = {
+    "checkpoint",
+    "sha256",
+    "protocol",
+    "dataset",
+    "metrics",
+    "config",
+    "seconds",
+    "versions",
+}
+CONFIG_KEYS = {"k", "temperature", "image_size", "max_train", "max_test", "train", "test", "init"}
+
+pytestmark = pytest.mark.skipif(not CIFAR.is_dir(), reason=f"no CIFAR-10 image folder at {CIFAR}")
+
+
+def copy_subset(split: str, per_class: int, out: Path) -> Path:
+    """The first ``per_class`` images of every class of ``CIFAR/split`` as an image folder."""
+    for class_dir in sorted(p for p in (CIFAR / split).iterdir() if p.is_dir()):
+        (out / class_dir.name).mkdir(parents=True)
+        for image in sorted(class_dir.iterdir())[:per_class]:
+            shutil.copy(image, out / class_dir.name / image.name)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("eval_cli")
+    torch.manual_seed(1)
+    backbone = build_backbone(BackboneConfig(name="resnet18", cifar_stem=True))
+    return {
+        "train": copy_subset("train", 10, root / "cifar10" / "train"),
+        "test": copy_subset("test", 5, root / "cifar10" / "test"),
+        "export": export_backbone(backbone, root / "run" / "export"),
+        "root": root,
+    }
+
+
+def knn_args(tiny: dict[str, Path], results: Path, *extra: str) -> list[str]:
+    return [
+        "knn",
+        *(
+            "--backbone",
+            str(tiny["export"]),
+            "--train",
+            str(tiny["train"]),
+            "--test",
+            str(tiny["test"]),
+        ),
+        *("--results", str(results), "--num-workers", "0", "--batch-size", "64", "--device", "cpu"),
+        *extra,
+    ]
+
+
+def read_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def check_record(record: dict, tiny: dict[str, Path], init: str) -> None:
+    assert set(record) == RECORD_KEYS
+    assert record["checkpoint"] == str(tiny["export"].resolve())
+    assert len(record["sha256"]) == 64 and int(record["sha256"], 16) >= 0
+    assert record["protocol"] == "knn-k20-t0.07"
+    assert record["dataset"] == "cifar10/test"
+    assert set(record["metrics"]) == {"top1", "top5"}
+    assert all(0.0 <= v <= 100.0 for v in record["metrics"].values())
+    assert record["metrics"]["top1"] <= record["metrics"]["top5"]
+    assert set(record["config"]) >= CONFIG_KEYS
+    assert record["config"]["init"] == init
+    assert record["config"]["k"] == 20 and record["config"]["temperature"] == 0.07
+    assert record["seconds"] > 0
+    assert set(record["versions"]) == {"torch", "torchvision", "timm", "python"}
+
+
+def test_cli_knn_with_random_init_baseline(tiny, tmp_path):
+    results = tmp_path / "results.jsonl"
+    cmd = [sys.executable, "-m", "eval", *knn_args(tiny, results, "--random-init-baseline")]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    records = read_lines(results)
+    assert len(records) == 2
+    check_record(records[0], tiny, "trained")
+    check_record(records[1], tiny, "random")
+    assert records[0]["config"]["num_train"] == 100 and records[0]["config"]["num_test"] == 50
+    assert "| checkpoint" in proc.stdout and "run/export (random init)" in proc.stdout
+
+
+def test_cli_knn_in_process_appends_one_line(tiny, tmp_path, capsys):
+    results = tmp_path / "results.jsonl"
+    results.write_text('{"existing": 1}\n')
+    weights = tiny["export"] / "backbone.safetensors"  # the weights file works as --backbone too
+    argv = knn_args(tiny, results, "--max-train", "30", "--max-test", "12", "--k", "5")
+    argv[argv.index("--backbone") + 1] = str(weights)
+    assert main(argv) == 0
+    lines = read_lines(results)
+    assert len(lines) == 2 and lines[0] == {"existing": 1}
+    record = lines[1]
+    assert record["protocol"] == "knn-k5-t0.07"
+    assert record["config"]["num_train"] == 30 and record["config"]["num_test"] == 12
+    assert record["config"]["max_train"] == 30 and record["config"]["init"] == "trained"
+    assert "knn-k5-t0.07" in capsys.readouterr().out
+
+
+def test_missing_backbone_exits_2(tiny, tmp_path, capsys):
+    argv = knn_args(tiny, tmp_path / "r.jsonl")
+    argv[argv.index("--backbone") + 1] = str(tmp_path / "nope")
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "does not exist" in err and "nope" in err
+    assert not (tmp_path / "r.jsonl").exists()
+
+
+def test_unlabelled_data_exits_2(tiny, tmp_path, capsys):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for image in sorted((tiny["test"] / "cat").iterdir())[:3]:
+        shutil.copy(image, flat / image.name)
+    argv = knn_args(tiny, tmp_path / "r.jsonl")
+    argv[argv.index("--test") + 1] = str(flat)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no labels" in err
+
+
+def test_help_explains_every_option(capsys):
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["knn", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for option in ("--backbone", "--train", "--test", "--k", "--temperature", "--batch-size",
+                   "--num-workers", "--image-size", "--results", "--max-train", "--max-test",
+                   "--random-init-baseline", "--device"):  # fmt: skip
+        assert option in out
