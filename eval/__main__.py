@@ -22,6 +22,7 @@ from eval.features import check_labelled, extract_features
 from eval.knn import DEFAULT_K, DEFAULT_TEMPERATURE, knn_classify, protocol_name
 from eval.load import (
     EvalInputError,
+    export_spec,
     load_backbone,
     random_init_like,
     resolve_export_dir,
@@ -57,9 +58,9 @@ def _add_common_args(p: argparse.ArgumentParser) -> None:
         help="export directory (backbone.yaml + backbone.safetensors) or its backbone.safetensors")
     add("--train", required=True, metavar="DATA", help=f"labelled train data: {DATA_HELP}")
     add("--test", required=True, metavar="DATA", help=f"labelled test data: {DATA_HELP}")
-    add("--image-size", type=_number(int, 1), default=32, metavar="PX",
+    add("--image-size", type=_number(int, 1), default=None, metavar="PX",
         help="input resolution: resize the shorter side (to PX, or PX/0.875 above 64 px), then "
-        "center-crop PX (default: 32)")
+        "center-crop PX (default: the export's training size, else 32)")
     add("--batch-size", type=_number(int, 1), default=256, metavar="N",
         help="images per forward pass and process (default: 256)")
     add("--num-workers", type=_number(int, 0), default=2, metavar="N",
@@ -68,10 +69,10 @@ def _add_common_args(p: argparse.ArgumentParser) -> None:
         help="use only the first N train samples by global index (default: all)")
     add("--max-test", type=_number(int, 1), default=None, metavar="N",
         help="use only the first N test samples by global index (default: all)")
-    add("--mean", type=float, nargs=3, default=list(IMAGENET_MEAN), metavar=("R", "G", "B"),
-        help="normalisation mean (default: ImageNet's, as in training and eval_transform)")
-    add("--std", type=float, nargs=3, default=list(IMAGENET_STD), metavar=("R", "G", "B"),
-        help="normalisation std (default: ImageNet's, as in training and eval_transform)")
+    add("--mean", type=float, nargs=3, default=None, metavar=("R", "G", "B"),
+        help="normalisation mean (default: the export's training mean, else ImageNet's)")
+    add("--std", type=float, nargs=3, default=None, metavar=("R", "G", "B"),
+        help="normalisation std (default: the export's training std, else ImageNet's)")
     add("--results", default="results.jsonl", metavar="PATH",
         help="JSON-lines file each result is appended to (default: results.jsonl)")
     add("--random-init-baseline", action="store_true",
@@ -169,6 +170,7 @@ def run_knn(args: argparse.Namespace) -> list[dict[str, Any]]:
         check_labelled(data)
     device = _device(args.device)
     backbone, name = load_backbone(args.backbone)
+    fill_input_defaults(args, export_spec(args.backbone))
     candidates = [("trained", backbone)]
     if args.random_init_baseline:
         candidates.append(("random", random_init_like(backbone, seed=0)))
@@ -182,6 +184,16 @@ def run_knn(args: argparse.Namespace) -> list[dict[str, Any]]:
             append_result(args.results, record)
         records.append(record)
     return records
+
+
+def fill_input_defaults(args: argparse.Namespace, spec: dict[str, Any]) -> None:
+    """Unset input options take the values the backbone was trained with (``backbone.yaml``)."""
+    if args.image_size is None:
+        args.image_size = int(spec.get("image_size", 32))
+    if args.mean is None:
+        args.mean = list(spec.get("mean", IMAGENET_MEAN))
+    if args.std is None:
+        args.std = list(spec.get("std", IMAGENET_STD))
 
 
 PROTOCOLS = {"knn": run_knn}

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import torch
+import yaml
 
 from eval.results import short_path
 from pretrain.backbones import Backbone, build_backbone
@@ -43,6 +44,11 @@ def load_backbone(path: str) -> tuple[Backbone, str]:
     backbone = load_exported_backbone(export_dir)
     log.info("loaded %s backbone %s from %s", backbone.family, backbone.cfg.name, export_dir)
     return backbone, short_path(export_dir.resolve())
+
+
+def export_spec(path: str | os.PathLike) -> dict:
+    """The export's ``backbone.yaml`` (architecture, and the training input size / mean / std)."""
+    return yaml.safe_load((resolve_export_dir(path) / SPEC_NAME).read_text())
 
 
 def random_init_like(backbone: Backbone, seed: int = 0) -> Backbone:

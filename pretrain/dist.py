@@ -81,10 +81,10 @@ def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def all_reduce_mean(value: float, device: torch.device) -> float:
-    """Mean of a Python scalar over ranks (identity without a process group). Synchronises."""
+def all_reduce_sums(values: list[float], device: torch.device) -> list[float]:
+    """Sum each Python scalar over ranks in one collective (identity without a process group)."""
     if not dist.is_initialized():
-        return float(value)
-    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+        return [float(v) for v in values]
+    t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
-    return float(t.item()) / dist.get_world_size()
+    return t.tolist()

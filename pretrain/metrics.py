@@ -76,7 +76,8 @@ def _plain(v: Any) -> Any:
 
 
 class Throughput:
-    """Images/s and the share of step time spent waiting for data, since the last report."""
+    """Images/s, seconds per step and the share of wall time spent waiting for data, since the
+    last report."""
 
     def __init__(self) -> None:
         self.reset()
@@ -84,14 +85,20 @@ class Throughput:
     def reset(self) -> None:
         self.t0 = time.perf_counter()
         self.images = 0
+        self.steps = 0
         self.wait = 0.0
 
     def add(self, images: int, wait: float) -> None:
         self.images += images
+        self.steps += 1
         self.wait += wait
 
     def report(self) -> dict[str, float]:
         elapsed = max(time.perf_counter() - self.t0, 1e-9)
-        out = {"img_per_s": self.images / elapsed, "data_wait": self.wait / elapsed}
+        out = {
+            "img_per_s": self.images / elapsed,
+            "step_s": elapsed / max(self.steps, 1),
+            "data_wait": self.wait / elapsed,
+        }
         self.reset()
         return out

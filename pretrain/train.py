@@ -14,10 +14,10 @@ from pretrain.backbones import build_backbone
 from pretrain.config import Config, config_to_yaml, to_dict
 from pretrain.data.loader import TrainLoader
 from pretrain.data.views import AugConfig, ViewMaker
-from pretrain.dist import DistInfo, all_reduce_mean, init_distributed, pick_device
-from pretrain.engine import build_engine
+from pretrain.dist import DistInfo, all_reduce_sums, detect_launch, init_distributed, pick_device
+from pretrain.engine import Engine, build_engine
 from pretrain.export import export_backbone
-from pretrain.methods import StepState, build_method
+from pretrain.methods import Method, StepState, build_method
 from pretrain.metrics import MetricsLogger, Throughput
 from pretrain.optim import build_optimizer, set_lr
 from pretrain.schedules import warmup_cosine
@@ -33,7 +33,49 @@ class RunResult:
     export_dir: Path | None
 
 
+@dataclass
+class Run:
+    """Everything the loop touches, built (and resumed) by :func:`build_run`."""
+
+    cfg: Config
+    info: DistInfo
+    device: torch.device
+    method: Method
+    engine: Engine
+    optimizer: torch.optim.Optimizer
+    peak_lr: float
+    loader: TrainLoader
+    metrics: MetricsLogger
+    start: int
+
+    def lr_at(self, step: int) -> float:
+        o = self.cfg.optim
+        final = self.peak_lr * o.final_lr_ratio
+        return warmup_cosine(step, self.cfg.run.total_steps, o.warmup_steps, self.peak_lr, final)
+
+
 def train(cfg: Config) -> RunResult:
+    """Train from the newest checkpoint in ``run.dir`` (or from scratch) to ``stop_after``/end."""
+    run = build_run(cfg)
+    end = cfg.run.stop_after or cfg.run.total_steps
+    meter, batches, step = Throughput(), iter(run.loader), run.start
+    while step < end:
+        t0 = time.perf_counter()
+        batch = next(batches)  # waits for the loader workers
+        views = [to_device(v, run.device, cfg.engine.channels_last) for v in batch["views"]]
+        meter.add(views[0].shape[0] * run.info.world_size, time.perf_counter() - t0)
+        set_lr(run.optimizer, run.lr_at(step))
+        state = StepState(step=step, total_steps=cfg.run.total_steps)
+        out, logs = train_step(run.method, run.engine, run.optimizer, views, state)
+        step += 1
+        if step % cfg.log.every == 0 or step == end:
+            log_step(run, step, {"loss": out.loss.detach(), **logs}, meter)
+        if step % cfg.checkpoint.every == 0 or step == end:
+            save(run, step)
+    return finish(run, step)
+
+
+def build_run(cfg: Config) -> Run:
     info = init_distributed()
     device = pick_device(info)
     per_device_batch = check_batch(cfg, info)
@@ -41,14 +83,11 @@ def train(cfg: Config) -> RunResult:
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
-
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-    method = build_method(cfg.method, build_backbone(cfg.backbone))
     engine = build_engine(cfg.engine, device)
-    method = engine.wrap(method)
+    method = engine.wrap(build_method(cfg.method, build_backbone(cfg.backbone)))
     optimizer, peak_lr = build_optimizer(cfg.optim, method.student, cfg.run.global_batch_size)
-
-    start, loader_state = resume(run_dir, method, optimizer, engine, info)
+    start, loader_state = resume(run_dir, method, optimizer, engine)
     loader = TrainLoader(
         cfg.data.train,
         view_maker(method.views, cfg.data.aug),
@@ -61,68 +100,56 @@ def train(cfg: Config) -> RunResult:
         state=loader_state,
     )
     metrics = MetricsLogger(run_dir, start, info.is_main, cfg.log.tensorboard)
-    end = cfg.run.stop_after or cfg.run.total_steps
     log.info(
-        "training steps %d → %d of %d (per-device batch %d)",
+        "steps %d → %d of %d, per-device batch %d, %d process(es) on %s",
         start,
-        end,
+        cfg.run.stop_after or cfg.run.total_steps,
         cfg.run.total_steps,
         per_device_batch,
+        info.world_size,
+        device,
     )
+    return Run(cfg, info, device, method, engine, optimizer, peak_lr, loader, metrics, start)
 
-    def save(step: int) -> None:
-        state = {
-            "step": step,
-            "model": method.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "engine": engine.state_dict(),
-            "loader": loader.state_dict(),  # collective
-            "config": to_dict(cfg),
-        }
-        ckpt.save_checkpoint(run_dir, step, state, cfg.checkpoint.keep)
 
-    meter = Throughput()
-    batches = iter(loader)
-    step = start
-    while step < end:
-        t0 = time.perf_counter()
-        batch = next(batches)
-        views = [to_device(v, device, cfg.engine.channels_last) for v in batch["views"]]
-        wait = time.perf_counter() - t0
-        state = StepState(step=step, total_steps=cfg.run.total_steps)
-        lr = warmup_cosine(
-            step,
-            cfg.run.total_steps,
-            cfg.optim.warmup_steps,
-            peak_lr,
-            peak_lr * cfg.optim.final_lr_ratio,
-        )
-        set_lr(optimizer, lr)
-        out, step_logs = train_step(method, engine, optimizer, views, state)
-        meter.add(views[0].shape[0] * info.world_size, wait)
-        step += 1
-        if step % cfg.log.every == 0 or step == end:
-            loss = all_reduce_mean(out.loss.item(), device)  # syncs: only at log steps
-            values = {
-                "loss": loss,
-                "lr": lr,
-                **step_logs,
-                **meter.report(),
-                "corrupt_samples": loader.corrupt_count,
-            }
-            metrics.log(step, values)
-            log.info(progress_line(step, cfg.run.total_steps, values))
-        if step % cfg.checkpoint.every == 0 or step == end:
-            save(step)
-    metrics.close()
+def log_step(run: Run, step: int, logs: dict, meter: Throughput) -> None:
+    """Reduce loss (mean) and corrupt-sample counts (sum) over ranks, then record. Syncs."""
+    loss_sum, corrupt = all_reduce_sums(
+        [float(logs.pop("loss")), run.loader.corrupt_count], run.device
+    )
+    values = {
+        "loss": loss_sum / run.info.world_size,
+        "lr": run.optimizer.param_groups[0]["lr"],
+        **logs,
+        **meter.report(),
+        "corrupt_samples": int(corrupt),
+    }
+    run.metrics.log(step, values)
+    log.info(progress_line(step, run.cfg.run.total_steps, values))
 
-    finished = step >= cfg.run.total_steps
+
+def save(run: Run, step: int) -> None:
+    """Collective: the loader state merges every rank's consumed samples."""
+    state = {
+        "step": step,
+        "model": run.method.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "engine": run.engine.state_dict(),
+        "loader": run.loader.state_dict(),
+        "config": to_dict(run.cfg),
+    }
+    ckpt.save_checkpoint(run.cfg.run.dir, step, state, run.cfg.checkpoint.keep)
+
+
+def finish(run: Run, step: int) -> RunResult:
+    run.metrics.close()
+    finished = step >= run.cfg.run.total_steps
     export_dir = None
-    if finished and cfg.run.export and info.is_main:
+    if finished and run.cfg.run.export and run.info.is_main:
         export_dir = export_backbone(
-            method.export_backbone(),
-            run_dir / "export",
-            extra={"method": cfg.method.name, "step": step},
+            run.method.export_backbone(),
+            Path(run.cfg.run.dir) / "export",
+            extra=export_extra(run.cfg, step),
         )
         log.info("exported backbone to %s", export_dir)
     return RunResult(last_step=step, finished=finished, export_dir=export_dir)
@@ -138,7 +165,9 @@ def check_batch(cfg: Config, info: DistInfo) -> int:
     return cfg.run.global_batch_size // info.world_size
 
 
-def resume(run_dir: Path, method, optimizer, engine, info: DistInfo) -> tuple[int, dict | None]:
+def resume(
+    run_dir: Path, method: Method, optimizer: torch.optim.Optimizer, engine: Engine
+) -> tuple[int, dict | None]:
     """Load the newest complete checkpoint, if any: returns (step, loader state)."""
     path = ckpt.latest_checkpoint(run_dir)
     if path is None:
@@ -159,9 +188,11 @@ def to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> tor
 
 
 def progress_line(step: int, total: int, values: dict) -> str:
+    eta = (total - step) * values["step_s"]
     return (
         f"step {step}/{total} loss {values['loss']:.4f} lr {values['lr']:.4g} "
-        f"img/s {values['img_per_s']:.1f} data-wait {100 * values['data_wait']:.0f}%"
+        f"img/s {values['img_per_s']:.1f} data-wait {100 * values['data_wait']:.0f}% "
+        f"eta {eta / 60:.1f} min"
     )
 
 
@@ -175,8 +206,6 @@ def preflight(cfg: Config) -> None:
         raise ValueError(
             f"data.train: {cfg.data.train} is not a shard directory (no manifest.json)"
         )
-    from pretrain.dist import detect_launch
-
     check_batch(cfg, detect_launch())
 
 
@@ -192,8 +221,20 @@ def export_only(cfg: Config) -> Path:
     return export_backbone(
         method.export_backbone(),
         Path(cfg.run.dir) / "export",
-        extra={"method": cfg.method.name, "step": state["step"]},
+        extra=export_extra(cfg, state["step"]),
     )
+
+
+def export_extra(cfg: Config, step: int) -> dict:
+    """What eval needs beside the weights: the input size and normalisation used in training."""
+    aug = cfg.data.aug
+    return {
+        "method": cfg.method.name,
+        "step": step,
+        "image_size": aug.size,
+        "mean": list(aug.mean),
+        "std": list(aug.std),
+    }
 
 
 def view_maker(kind: str, aug: AugConfig) -> ViewMaker:

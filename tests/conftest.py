@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from data_prep.writer import WriteOptions, write_shards
 
@@ -31,3 +32,13 @@ def cifar_train_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     src = cifar_subset(root / "images", "train", 32)
     write_shards(src, root / "shards", WriteOptions(shard_size=40, workers=1))
     return root / "shards"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``gpu`` need CUDA; without it they are skipped with the reason."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (marked gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

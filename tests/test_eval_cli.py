@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from eval.__main__ import build_parser, main
+from eval.results import format_table
 from pretrain.backbones import BackboneConfig, build_backbone
 from pretrain.export import export_backbone
 
@@ -149,3 +150,20 @@ def test_help_explains_every_option(capsys):
                    "--num-workers", "--image-size", "--results", "--max-train", "--max-test",
                    "--random-init-baseline", "--device"):  # fmt: skip
         assert option in out
+
+
+def test_format_table_is_aligned():
+    records = [
+        {"checkpoint": "/runs/a/export", "protocol": "knn-k20-t0.07", "seconds": 12.34,
+         "metrics": {"top1": 91.5, "top5": 99.75}, "config": {"init": "trained"}},
+        {"checkpoint": "/runs/a/export", "protocol": "knn-k20-t0.07", "seconds": 3.0,
+         "metrics": {"top1": 9.0, "top5": 50.0}, "config": {"init": "random"}},
+    ]  # fmt: skip
+    lines = format_table(records).splitlines()
+    assert len(lines) == 4 and len({len(line) for line in lines}) == 1
+    assert [c.strip() for c in lines[0].split("|")[1:-1]] == [
+        "checkpoint", "protocol", "top1", "top5", "seconds"
+    ]  # fmt: skip
+    assert lines[1].startswith("|---") and lines[1].endswith(":|")
+    assert "| a/export " in lines[2] and "| 91.50 | 99.75 |" in lines[2]
+    assert "| a/export (random init) |" in lines[3] and "|  9.00 | 50.00 |" in lines[3]

@@ -139,3 +139,9 @@ def test_two_processes_gather_the_same_features_as_one(backbone, folder, tmp_pat
         for (feats, labels), (ref_feats, ref_labels) in zip(got, expected, strict=True):
             assert torch.equal(labels, ref_labels)
             torch.testing.assert_close(feats, ref_feats, atol=1e-5, rtol=0)
+
+
+def test_class_folders_without_images_are_an_input_error(backbone, tmp_path):
+    (tmp_path / "data" / "cat").mkdir(parents=True)
+    with pytest.raises(EvalInputError, match="data"):
+        extract_features(backbone, tmp_path / "data", 32, 4, 0)

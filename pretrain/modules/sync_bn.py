@@ -18,7 +18,8 @@ from pretrain.losses.gather import all_reduce_sum_with_grad
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm1d/2d whose training statistics span all ranks.
 
-    ``mean = Σ_r Σ x / N``, ``var = Σ_r Σ x² / N − mean²`` (biased, for normalising);
+    ``mean = Σ_r Σ x / N``, ``var = Σ_r Σ x² / N − mean²`` (biased, for normalising; computed
+    on ``x`` shifted by the running mean for precision);
     running variance uses the unbiased ``var · N / (N − 1)`` as torch's BatchNorm does.
     """
 
@@ -31,23 +32,29 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
             return F.batch_norm(
                 x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
             )
-        dims = [0] + list(range(2, x.dim()))  # reduce all but channels
-        count = torch.tensor(
-            [x.numel() / x.shape[1]], dtype=x.dtype, device=x.device
-        )  # [1] elements per channel on this rank
-        stats = torch.cat([x.sum(dims), (x * x).sum(dims), count])  # [2C + 1]
-        stats = all_reduce_sum_with_grad(stats)
         c = x.shape[1]
+        shape = [1, c] + [1] * (x.dim() - 2)
+        dims = [0] + list(range(2, x.dim()))  # reduce all but channels
+        # Shift by the running mean (identical on every rank) so E[x²] − E[x]² does not cancel.
+        shift = self._shift(x).view(shape)
+        xs = x - shift
+        count = torch.full((1,), x.numel() / c, dtype=x.dtype, device=x.device)
+        stats = all_reduce_sum_with_grad(torch.cat([xs.sum(dims), (xs * xs).sum(dims), count]))
         n = stats[-1]
-        mean = stats[:c] / n  # [C]
-        var = (stats[c : 2 * c] / n - mean * mean).clamp_min(0)  # [C]
+        mean_shifted = stats[:c] / n  # [C]
+        var = (stats[c : 2 * c] / n - mean_shifted * mean_shifted).clamp_min(0)  # [C], biased
+        mean = mean_shifted + shift.view(c)
         if self.training and self.track_running_stats:
             self._update_running(mean.detach(), var.detach(), n.detach())
-        shape = [1, c] + [1] * (x.dim() - 2)
-        y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        y = (xs - mean_shifted.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)
         return y
+
+    def _shift(self, x: torch.Tensor) -> torch.Tensor:
+        if self.running_mean is None:
+            return torch.zeros(x.shape[1], dtype=x.dtype, device=x.device)
+        return self.running_mean.detach().to(x.dtype)
 
     @torch.no_grad()
     def _update_running(self, mean: torch.Tensor, var: torch.Tensor, n: torch.Tensor) -> None:

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The demo flow (called by `make demo`): real images → shards → SimCLR → export → k-NN.
+# Environment (set by the Makefile): DATA WORK STEPS BATCH KNN_TRAIN KNN_TEST PY.
+set -euo pipefail
+: "${DATA:?}" "${WORK:?}" "${STEPS:?}" "${BATCH:?}" "${KNN_TRAIN:?}" "${KNN_TEST:?}" "${PY:?}"
+
+if [[ ! -d "$DATA/train" || ! -d "$DATA/test" ]]; then
+  echo "make demo: DATA=$DATA must hold train/ and test/, each with one subfolder per class" >&2
+  exit 2
+fi
+mkdir -p "$WORK"
+start=$(date +%s)
+
+for split in train test; do
+  if [[ -f "$WORK/shards/$split/manifest.json" ]]; then
+    echo "== shards for $split already in $WORK/shards/$split"
+  else
+    echo "== writing $split shards from $DATA/$split"
+    "$PY" -m data_prep write "$DATA/$split" "$WORK/shards/$split" --workers 2
+  fi
+done
+
+echo "== pretraining SimCLR ResNet-18 (CIFAR stem), $STEPS steps of $BATCH images on the CPU"
+rm -rf "$WORK/run"
+"$PY" -m pretrain pretrain/recipes/simclr_resnet18_cifar10.yaml \
+  run.dir="$WORK/run" data.train="$WORK/shards/train" \
+  run.total_steps="$STEPS" run.global_batch_size="$BATCH" \
+  optim.warmup_steps=10 data.num_workers=1 checkpoint.every=50 log.every=10
+pretrain_done=$(date +%s)
+
+echo "== k-NN (k=20, T=0.07) on $KNN_TEST test images, $KNN_TRAIN train images as the memory bank"
+rm -f "$WORK/results.jsonl"
+"$PY" -m eval knn --backbone "$WORK/run/export" \
+  --train "$WORK/shards/train" --test "$WORK/shards/test" \
+  --max-train "$KNN_TRAIN" --max-test "$KNN_TEST" --num-workers 1 \
+  --results "$WORK/results.jsonl" --random-init-baseline
+end=$(date +%s)
+echo "== demo done in $((end - start)) s (pretraining $((pretrain_done - start)) s incl. shards);" \
+  "results in $WORK/results.jsonl, run directory $WORK/run"
