@@ -9,8 +9,8 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
 DATA ?= ../shared/data/cifar10
 WORK ?= work/demo
-DEMO_STEPS ?= 120
-DEMO_BATCH ?= 128
+DEMO_STEPS ?= 130
+DEMO_BATCH ?= 64
 KNN_TRAIN ?= 10000
 KNN_TEST ?= 5000
 PYTEST_ARGS ?=

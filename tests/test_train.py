@@ -76,8 +76,9 @@ def torchrun(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
-def test_exact_resume_two_processes(cifar_train_shards: Path, tmp_path: Path) -> None:
-    recipe = str(RECIPES / "simclr.yaml")
+@pytest.mark.parametrize("method", ["simclr", "mocov3"])
+def test_exact_resume_two_processes(cifar_train_shards: Path, tmp_path: Path, method: str) -> None:
+    recipe = str(RECIPES / f"{method}.yaml")
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     for run_dir, extra in [
         (straight, []),

@@ -9,7 +9,7 @@ or timm module, so its ``state_dict()`` loads into a fresh ``torchvision.models.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import timm
@@ -101,7 +101,3 @@ def build_backbone(cfg: BackboneConfig) -> Backbone:
         return Backbone(net, "resnet", dim, cfg)
     net = timm.create_model(cfg.name, pretrained=False, **timm_kwargs(cfg))
     return Backbone(net, "vit", net.num_features, cfg)
-
-
-def backbone_config_dict(cfg: BackboneConfig) -> dict[str, Any]:
-    return asdict(cfg)
