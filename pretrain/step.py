@@ -15,10 +15,11 @@ def train_step(
     views: list[torch.Tensor],
     state: StepState,
 ) -> tuple[LossOutput, dict[str, float]]:
-    """forward (autocast) → backward → optimizer step → method's after-step (EMA, schedules)."""
+    """forward (autocast) → backward → method hook → optimizer step → after-step (EMA, ...)."""
     with engine.autocast():
         out = method(views, state)
     engine.backward(out.loss)
+    method.on_after_backward(state)
     logs = engine.step(optimizer, [p for p in method.student.parameters() if p.requires_grad])
     logs.update(method.after_step(state))
     return out, logs

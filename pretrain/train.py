@@ -11,15 +11,16 @@ import torch
 
 from pretrain import checkpoint as ckpt
 from pretrain.backbones import build_backbone
+from pretrain.collapse import collapse_metrics
 from pretrain.config import Config, config_to_yaml, to_dict
 from pretrain.data.loader import TrainLoader
-from pretrain.data.views import AugConfig, ViewMaker
+from pretrain.data.views import view_maker
 from pretrain.dist import DistInfo, all_reduce_sums, detect_launch, init_distributed, pick_device
 from pretrain.engine import Engine, build_engine
 from pretrain.export import export_backbone
 from pretrain.methods import Method, StepState, build_method
 from pretrain.metrics import MetricsLogger, Throughput
-from pretrain.optim import build_optimizer, set_lr
+from pretrain.optim import apply_schedule, build_optimizer
 from pretrain.schedules import warmup_cosine
 from pretrain.step import train_step
 
@@ -53,6 +54,12 @@ class Run:
         final = self.peak_lr * o.final_lr_ratio
         return warmup_cosine(step, self.cfg.run.total_steps, o.warmup_steps, self.peak_lr, final)
 
+    def weight_decay_at(self, step: int) -> float:
+        o = self.cfg.optim
+        if o.weight_decay_end is None:
+            return o.weight_decay
+        return warmup_cosine(step, self.cfg.run.total_steps, 0, o.weight_decay, o.weight_decay_end)
+
 
 def train(cfg: Config) -> RunResult:
     """Train from the newest checkpoint in ``run.dir`` (or from scratch) to ``stop_after``/end."""
@@ -64,11 +71,13 @@ def train(cfg: Config) -> RunResult:
         batch = next(batches)  # waits for the loader workers
         views = [to_device(v, run.device, cfg.engine.channels_last) for v in batch["views"]]
         meter.add(views[0].shape[0] * run.info.world_size, time.perf_counter() - t0)
-        set_lr(run.optimizer, run.lr_at(step))
+        apply_schedule(run.optimizer, run.lr_at(step), run.weight_decay_at(step))
         state = StepState(step=step, total_steps=cfg.run.total_steps)
         out, logs = train_step(run.method, run.engine, run.optimizer, views, state)
         step += 1
         if step % cfg.log.every == 0 or step == end:
+            if out.embeddings is not None:
+                logs.update(collapse_metrics(out.embeddings))
             log_step(run, step, {"loss": out.loss.detach(), **logs}, meter)
         if step % cfg.checkpoint.every == 0 or step == end:
             save(run, step)
@@ -235,10 +244,3 @@ def export_extra(cfg: Config, step: int) -> dict:
         "mean": list(aug.mean),
         "std": list(aug.std),
     }
-
-
-def view_maker(kind: str, aug: AugConfig) -> ViewMaker:
-    """The data side builds the views a method declares."""
-    if kind == "two_view":
-        return ViewMaker.two_view(aug)
-    raise ValueError(f"views {kind!r}: not implemented on the data side")

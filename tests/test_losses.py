@@ -52,3 +52,15 @@ def test_moco_infonce_matches_literal_equation() -> None:
     g = torch.Generator().manual_seed(1)
     q, k = torch.randn(7, 4, generator=g).double(), torch.randn(7, 4, generator=g).double()
     assert abs(float(moco_infonce_loss(q, k, 0.2)) - literal_moco(q, k, 0.2)) < 1e-9
+
+
+def test_collapse_metrics_tell_collapsed_from_spread() -> None:
+    from pretrain.collapse import collapse_metrics
+
+    g = torch.Generator().manual_seed(0)
+    spread = collapse_metrics(torch.randn(256, 16, generator=g))
+    collapsed = collapse_metrics(torch.ones(256, 16) + 1e-6 * torch.randn(256, 16, generator=g))
+    line = collapse_metrics(torch.randn(256, 1, generator=g) * torch.ones(1, 16))
+    assert abs(spread["emb_std"] - 16**-0.5) < 0.02 and spread["emb_rank"] > 12
+    assert collapsed["emb_std"] < 1e-4
+    assert line["emb_rank"] < 1.5  # one direction only

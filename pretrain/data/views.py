@@ -155,3 +155,10 @@ class ViewMaker:
     def __call__(self, img: Image.Image) -> list[torch.Tensor]:
         """``img`` (RGB PIL) -> ``num_views`` tensors ``[3, H, W]`` (float32, normalised)."""
         return [t(img) for t in self.transforms]
+
+
+def view_maker(kind: str, aug: AugConfig) -> ViewMaker:
+    """The view maker for the views a method declares (``Method.views``)."""
+    if kind == "two_view":
+        return ViewMaker.two_view(aug)
+    raise ValueError(f"views {kind!r}: no view maker for it on the data side")

@@ -35,10 +35,12 @@ class StepState:
 
 @dataclass
 class LossOutput:
-    """The loss to back-propagate and scalars to log (tensors are detached when logged)."""
+    """The loss to back-propagate, scalars to log, and (optionally) the embeddings ``[b, D]``
+    the collapse monitor watches (std and effective rank of their normalised rows)."""
 
     loss: torch.Tensor
     logs: dict[str, Any] = field(default_factory=dict)
+    embeddings: torch.Tensor | None = None
 
 
 class Method(nn.Module):
@@ -65,6 +67,10 @@ class Method(nn.Module):
 
     def forward(self, views: list[torch.Tensor], state: StepState) -> LossOutput:
         raise NotImplementedError
+
+    def on_after_backward(self, state: StepState) -> None:
+        """Between backward and the optimizer step: e.g. drop the gradient of a layer that is
+        frozen for the first steps (DINO's last layer, SwAV's prototypes)."""
 
     def after_step(self, state: StepState) -> dict[str, float]:
         """Called after every optimizer step (EMA updates, schedules). Returns values to log."""

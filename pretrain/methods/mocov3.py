@@ -81,7 +81,7 @@ class MoCoV3(Method):
             k1, k2 = (self.teacher(v) for v in views)
         t = self.cfg.temperature
         loss = moco_infonce_loss(q1, k2, t) + moco_infonce_loss(q2, k1, t)
-        return LossOutput(loss)
+        return LossOutput(loss, embeddings=q1.detach())
 
     def after_step(self, state: StepState) -> dict[str, float]:
         m = self.momentum(state)

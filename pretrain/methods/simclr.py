@@ -48,7 +48,7 @@ class SimCLR(Method):
     def forward(self, views: list[torch.Tensor], state: StepState) -> LossOutput:
         z1, z2 = self.run_student(views).chunk(2)  # [b, proj_dim] each
         loss = nt_xent_loss(z1, z2, self.cfg.temperature)
-        return LossOutput(loss)
+        return LossOutput(loss, embeddings=z1.detach())
 
     def export_backbone(self) -> Backbone:
         return self.student.backbone

@@ -33,6 +33,7 @@ class OptimConfig:
     trust_coefficient: float = 0.001
     warmup_steps: int = 0
     final_lr_ratio: float = 0.0
+    weight_decay_end: float | None = None  # cosine from weight_decay to this (DINO: 0.04 → 0.4)
 
     def validate(self) -> None:
         if self.base_lr <= 0:
@@ -91,6 +92,10 @@ def build_optimizer(
     return opt, lr
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+def apply_schedule(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
+    """Set this step's lr on every group (scaled by a group's ``lr_scale``, e.g. layer decay)
+    and its weight decay on the groups that decay (1-D parameter groups keep 0)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+        if group.get("weight_decay", 0.0) > 0.0:
+            group["weight_decay"] = weight_decay
