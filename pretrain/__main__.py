@@ -16,6 +16,8 @@ examples:
   python -m pretrain RECIPE.yaml --print-config
 
 The run resumes from the newest complete checkpoint in run.dir when one exists.
+SIGUSR1 or SIGTERM: every rank stops after the same step, one checkpoint is saved, and the
+process exits with status 75 (start the same command again to resume).
 Keys every launcher relies on: run.dir run.seed run.total_steps run.stop_after
 run.global_batch_size data.train data.num_workers checkpoint.every checkpoint.keep log.every
 method.name backbone.name engine.name
@@ -53,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(config_to_yaml(cfg), end="")
         return 0
+    from pretrain.preemption import EXIT_REQUEUE
     from pretrain.train import export_only, preflight, train
 
     try:
@@ -66,12 +69,13 @@ def main(argv: list[str] | None = None) -> int:
     result = train(cfg)
     if result.export_dir is not None:
         print(f"exported: {result.export_dir}")
+    status = EXIT_REQUEUE if result.stopped_by_signal else 0
     import torch.distributed as dist
 
     if dist.is_initialized():
         dist.destroy_process_group()
     logging.shutdown()
-    return 0
+    return status
 
 
 if __name__ == "__main__":

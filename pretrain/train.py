@@ -21,6 +21,7 @@ from pretrain.export import export_backbone
 from pretrain.methods import Method, StepState, build_method
 from pretrain.metrics import MetricsLogger, Throughput
 from pretrain.optim import apply_schedule, build_optimizer
+from pretrain.preemption import StopRequest
 from pretrain.schedules import warmup_cosine
 from pretrain.step import train_step
 
@@ -32,6 +33,7 @@ class RunResult:
     last_step: int
     finished: bool
     export_dir: Path | None
+    stopped_by_signal: bool = False
 
 
 @dataclass
@@ -64,6 +66,18 @@ class Run:
 def train(cfg: Config) -> RunResult:
     """Train from the newest checkpoint in ``run.dir`` (or from scratch) to ``stop_after``/end."""
     run = build_run(cfg)
+    stop = StopRequest(run.device)  # SIGUSR1 / SIGTERM → checkpoint at the next step boundary
+    try:
+        step = run_steps(run, stop)
+    finally:
+        stop.restore()
+    end = cfg.run.stop_after or cfg.run.total_steps
+    return finish(run, step, stopped_by_signal=stop.flag and step < end)
+
+
+def run_steps(run: Run, stop: StopRequest) -> int:
+    """Steps from ``run.start`` to ``stop_after``/the end; returns the last completed step."""
+    cfg = run.cfg
     end = cfg.run.stop_after or cfg.run.total_steps
     meter, batches, step = Throughput(), iter(run.loader), run.start
     while step < end:
@@ -79,9 +93,17 @@ def train(cfg: Config) -> RunResult:
             if out.embeddings is not None:
                 logs.update(collapse_metrics(out.embeddings))
             log_step(run, step, {"loss": out.loss.detach(), **logs}, meter)
-        if step % cfg.checkpoint.every == 0 or step == end:
+        stopping = stop.agreed()  # collective: all ranks stop after the same step
+        if step % cfg.checkpoint.every == 0 or step == end or stopping:
             save(run, step)
-    return finish(run, step)
+        if stopping:
+            log.warning(
+                "stop signal (%s): checkpoint at step %d saved, exiting",
+                stop.signal_name or "another rank",
+                step,
+            )
+            break
+    return step
 
 
 def build_run(cfg: Config) -> Run:
@@ -150,7 +172,7 @@ def save(run: Run, step: int) -> None:
     ckpt.save_checkpoint(run.cfg.run.dir, step, state, run.cfg.checkpoint.keep)
 
 
-def finish(run: Run, step: int) -> RunResult:
+def finish(run: Run, step: int, stopped_by_signal: bool = False) -> RunResult:
     run.metrics.close()
     finished = step >= run.cfg.run.total_steps
     export_dir = None
@@ -161,7 +183,7 @@ def finish(run: Run, step: int) -> RunResult:
             extra=export_extra(run.cfg, step),
         )
         log.info("exported backbone to %s", export_dir)
-    return RunResult(last_step=step, finished=finished, export_dir=export_dir)
+    return RunResult(step, finished, export_dir, stopped_by_signal)
 
 
 def check_batch(cfg: Config, info: DistInfo) -> int:

@@ -164,3 +164,26 @@ def test_print_config_resolves_overrides() -> None:
     cfg = __import__("yaml").safe_load(proc.stdout)
     assert cfg["optim"]["base_lr"] == 0.5 and cfg["method"]["name"] == "mocov3"
     assert cfg["method"]["momentum"] == 0.99
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loader_leaves_the_global_rng_alone(cifar_train_shards: Path, workers: int) -> None:
+    """The trainer restores RNG states on resume; the loader must not draw from them."""
+    from pretrain.data.loader import TrainLoader
+    from pretrain.data.views import AugConfig, ViewMaker
+
+    loader = TrainLoader(
+        cifar_train_shards,
+        ViewMaker.two_view(AugConfig(size=16)),
+        4,
+        workers,
+        seed=0,
+        rank=0,
+        world_size=1,
+    )
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    batches = iter(loader)
+    next(batches)
+    assert torch.equal(torch.rand(3), expected)

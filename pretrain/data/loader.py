@@ -111,6 +111,9 @@ class TrainLoader:
             pin_memory=torch.cuda.is_available(),
             prefetch_factor=self.prefetch_factor if workers > 0 else None,
             persistent_workers=False,
+            # Its own generator: creating the iterator must not draw from the global RNG, which
+            # the trainer restores on resume (a draw there would shift every later random op).
+            generator=torch.Generator().manual_seed(self.seed),
         )
         for batch in loader:
             self._record(batch)
