@@ -17,7 +17,7 @@ Recipes:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from PIL import Image
@@ -51,6 +51,13 @@ class AugConfig:
     solarize_prob: list[float] = field(default_factory=lambda: [0.0, 0.2])
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    # Multi-crop (DINO / SwAV; unused by two_view): the global crops take ``global_scale`` (and
+    # the per-view blur / solarize lists above), plus ``local_crops`` crops of ``local_size`` px.
+    global_scale: tuple[float, float] = (0.4, 1.0)
+    local_crops: int = 8
+    local_size: int = 96
+    local_scale: tuple[float, float] = (0.05, 0.4)
+    local_blur_prob: float = 0.5
 
     @classmethod
     def simclr_cifar(cls) -> AugConfig:
@@ -110,6 +117,36 @@ def two_view_transforms(cfg: AugConfig) -> list[ImageTransform]:
     ]
 
 
+def single_view_transform(cfg: AugConfig) -> ImageTransform:
+    """MAE's one view: random resized crop (bicubic; ``cfg.scale``, (0.2, 1) in the paper) ->
+    flip -> ToTensor -> Normalize. No colour augmentation."""
+    return T.Compose(
+        [
+            T.RandomResizedCrop(
+                cfg.size, scale=tuple(cfg.scale), interpolation=InterpolationMode.BICUBIC
+            ),
+            T.RandomHorizontalFlip(p=cfg.flip_prob),
+            T.ToTensor(),
+            T.Normalize(cfg.mean, cfg.std),
+        ]
+    )
+
+
+def multi_crop_transforms(cfg: AugConfig) -> list[ImageTransform]:
+    """Multi-crop (Caron et al. 2020 SwAV §3.2; DINO §3.1): global crops then local crops.
+
+    ``len(cfg.blur_prob)`` global crops (2 in DINO / SwAV, whose methods take the first two
+    views as the globals) of ``cfg.size`` px with scale ``cfg.global_scale`` and their per-view
+    blur / solarize probabilities, then ``cfg.local_crops`` local crops of ``cfg.local_size`` px
+    with scale ``cfg.local_scale``, blur ``cfg.local_blur_prob`` and no solarize. Every view
+    index has a fixed size, so views stack into batches.
+    """
+    globals_ = two_view_transforms(replace(cfg, scale=cfg.global_scale))
+    local_cfg = replace(cfg, size=cfg.local_size, scale=cfg.local_scale)
+    local = _view_transform(local_cfg, cfg.local_blur_prob, 0.0)
+    return globals_ + [local] * cfg.local_crops
+
+
 def eval_transform(
     size: int,
     resize: int | None = None,
@@ -161,4 +198,8 @@ def view_maker(kind: str, aug: AugConfig) -> ViewMaker:
     """The view maker for the views a method declares (``Method.views``)."""
     if kind == "two_view":
         return ViewMaker.two_view(aug)
+    if kind == "multi_crop":
+        return ViewMaker(multi_crop_transforms(aug))
+    if kind == "single":
+        return ViewMaker([single_view_transform(aug)])
     raise ValueError(f"views {kind!r}: no view maker for it on the data side")

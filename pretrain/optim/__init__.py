@@ -1,4 +1,5 @@
-"""Optimizers and parameter groups: LARS, AdamW, SGD; no decay/adaptation on 1-D parameters."""
+"""Optimizers and parameter groups: LARS, LAMB, AdamW, SGD; no decay/adaptation on 1-D
+parameters; optional layer-wise lr decay for ViTs."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from typing import Literal
 import torch
 from torch import nn
 
+from pretrain.optim.lamb import Lamb
 from pretrain.optim.lars import LARS
+from pretrain.optim.layer_decay import layer_decay_param_groups
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +25,7 @@ class OptimConfig:
     ``final_lr_ratio × lr``. 1-D parameters (biases, norms) get no weight decay and, under LARS,
     no trust-ratio adaptation."""
 
-    name: Literal["lars", "adamw", "sgd"] = "lars"
+    name: Literal["lars", "lamb", "adamw", "sgd"] = "lars"
     base_lr: float = 0.3
     lr_scaling: Literal["linear", "sqrt", "none"] = "linear"
     base_batch_size: int = 256
@@ -34,6 +37,7 @@ class OptimConfig:
     warmup_steps: int = 0
     final_lr_ratio: float = 0.0
     weight_decay_end: float | None = None  # cosine from weight_decay to this (DINO: 0.04 → 0.4)
+    layer_decay: float | None = None  # ViT layer-wise lr decay (BEiT/MAE fine-tune: 0.65-0.75)
 
     def validate(self) -> None:
         if self.base_lr <= 0:
@@ -42,6 +46,8 @@ class OptimConfig:
             raise ValueError(f"optim.final_lr_ratio: must be in [0, 1], got {self.final_lr_ratio}")
         if self.warmup_steps < 0:
             raise ValueError(f"optim.warmup_steps: must be >= 0, got {self.warmup_steps}")
+        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
+            raise ValueError(f"optim.layer_decay: must be in (0, 1], got {self.layer_decay}")
 
 
 def scaled_lr(cfg: OptimConfig, global_batch_size: int) -> float:
@@ -68,11 +74,16 @@ def build_optimizer(
 ) -> tuple[torch.optim.Optimizer, float]:
     """The optimizer over ``model``'s trainable parameters and its resolved peak lr."""
     lr = scaled_lr(cfg, global_batch_size)
-    groups = param_groups(model, cfg.weight_decay)
+    if cfg.layer_decay is not None:
+        groups = layer_decay_param_groups(model, cfg.weight_decay, cfg.layer_decay)
+    else:
+        groups = param_groups(model, cfg.weight_decay)
     if cfg.name == "lars":
         opt: torch.optim.Optimizer = LARS(
             groups, lr=lr, momentum=cfg.momentum, trust_coefficient=cfg.trust_coefficient
         )
+    elif cfg.name == "lamb":
+        opt = Lamb(groups, lr=lr, betas=cfg.betas, eps=cfg.eps)
     else:
         for g in groups:
             g.pop("trust_adaptation")
