@@ -217,7 +217,7 @@ def test_two_processes_match_one(one_and_two_processes: tuple, name: str) -> Non
 # ---------------------------------------------------------------- debug recipes and BYOL's EMA
 
 
-@pytest.mark.parametrize("name", METHOD_NAMES)
+@pytest.mark.parametrize("name", [*METHOD_NAMES, "simclr", "mocov3"])
 def test_debug_recipe_trains_20_steps(cifar_train_shards: Path, tmp_path: Path, name: str) -> None:
     overrides = [f"data.train={cifar_train_shards}", f"run.dir={tmp_path}", "run.export=false"]
     result = train(load_config(RECIPES / f"{name}.yaml", overrides))
@@ -227,8 +227,10 @@ def test_debug_recipe_trains_20_steps(cifar_train_shards: Path, tmp_path: Path, 
     assert all(math.isfinite(m["loss"]) for m in metrics)
 
 
-def test_byol_target_gets_no_gradient_and_moves_by_ema() -> None:
-    cfg = load_config(RECIPES / "byol.yaml", ["run.total_steps=10"])
+@pytest.mark.parametrize("name", ["byol", "mocov3"])
+def test_ema_target_gets_no_gradient_and_moves_by_ema(name: str) -> None:
+    """BYOL's target and MoCo v3's momentum encoder (both mirror ``student.encoder``)."""
+    cfg = load_config(RECIPES / f"{name}.yaml", ["run.total_steps=10"])
     torch.manual_seed(0)
     engine = build_engine(cfg.engine, torch.device("cpu"))
     method = engine.wrap(build_method(cfg.method, build_backbone(cfg.backbone)))
