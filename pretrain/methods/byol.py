@@ -17,6 +17,7 @@ from pretrain.backbones import Backbone
 from pretrain.losses.regression import normalized_mse_loss
 from pretrain.methods.base import LossOutput, Method, MethodConfig, StepState
 from pretrain.modules.ema import ema_update_, make_teacher
+from pretrain.modules.encoder import Encoder
 from pretrain.modules.heads import mlp
 from pretrain.schedules import cosine_momentum
 
@@ -35,18 +36,6 @@ class BYOLConfig(MethodConfig):
     def validate(self) -> None:
         if not 0.0 <= self.momentum <= 1.0:
             raise ValueError(f"method.momentum: must be in [0, 1], got {self.momentum}")
-
-
-class Encoder(nn.Module):
-    """Backbone + projector: the part the target network mirrors."""
-
-    def __init__(self, backbone: Backbone, projector: nn.Module):
-        super().__init__()
-        self.backbone = backbone
-        self.projector = projector
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.projector(self.backbone(x))  # [b, dim]
 
 
 class BYOLStudent(nn.Module):

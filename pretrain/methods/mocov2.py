@@ -28,11 +28,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from pretrain.backbones import Backbone
+from pretrain.dist import world_size
 from pretrain.losses.gather import gather_no_grad, rank_offset
 from pretrain.methods.base import LossOutput, Method, MethodConfig, StepState
 from pretrain.modules.ema import ema_update_, make_teacher
@@ -140,10 +140,6 @@ def mochi_negatives(
         beta = 0.5 * uniform(n2).unsqueeze(-1)  # [b, n2, 1] ~ U(0, 0.5)
         out.append(beta * q.unsqueeze(1) + (1 - beta) * pick(n2))
     return F.normalize(torch.cat(out, dim=1), dim=2)  # [b, n1 + n2, D]
-
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 class MoCoV2Encoder(nn.Module):

@@ -17,6 +17,7 @@ from pretrain.backbones import Backbone
 from pretrain.losses.info_nce import moco_infonce_loss
 from pretrain.methods.base import LossOutput, Method, MethodConfig, StepState
 from pretrain.modules.ema import ema_update_, make_teacher
+from pretrain.modules.encoder import Encoder
 from pretrain.modules.heads import mlp
 from pretrain.schedules import cosine_momentum
 
@@ -33,18 +34,6 @@ class MoCoV3Config(MethodConfig):
     dim: int = 256
     proj_layers: int = 3
     pred_layers: int = 2
-
-
-class Encoder(nn.Module):
-    """Backbone + projector: the part the momentum encoder mirrors."""
-
-    def __init__(self, backbone: Backbone, projector: nn.Module):
-        super().__init__()
-        self.backbone = backbone
-        self.projector = projector
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.projector(self.backbone(x))  # [b, dim]
 
 
 class MoCoV3Student(nn.Module):
