@@ -35,7 +35,7 @@ def backbone_spec(backbone: Backbone) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "family": backbone.family,
         "embed_dim": backbone.embed_dim,
-        "backbone": {k: v for k, v in vars(cfg).items()},
+        "backbone": dict(vars(cfg)),
     }
     if cfg.name in RESNETS:
         spec["torchvision_name"] = cfg.name

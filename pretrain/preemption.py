@@ -2,7 +2,7 @@
 
 Slurm sends SIGUSR1 (``--signal``) ahead of a time limit and SIGTERM on preemption or
 ``scancel``. The handler only sets a flag; the training loop asks :meth:`StopRequest.agreed`
-after each step, which all-reduces the flag (MAX) so that all ranks stop after the same step,
+at every log step, which all-reduces the flag (MAX) so that all ranks stop after the same step,
 write one checkpoint together and exit with :data:`EXIT_REQUEUE` for the launcher to requeue.
 """
 

@@ -93,7 +93,9 @@ def run_steps(run: Run, stop: StopRequest) -> int:
             if out.embeddings is not None:
                 logs.update(collapse_metrics(out.embeddings))
             log_step(run, step, {"loss": out.loss.detach(), **logs}, meter)
-        stopping = stop.agreed()  # collective: all ranks stop after the same step
+        # Collective, and on CUDA a host sync: asked only at log steps (which sync anyway), so a
+        # signal is honoured within log.every steps; all ranks decide at the same step.
+        stopping = (step % cfg.log.every == 0 or step == end) and stop.agreed()
         if step % cfg.checkpoint.every == 0 or step == end or stopping:
             save(run, step)
         if stopping:

@@ -78,8 +78,6 @@ def build(cls: type, data: Any, prefix: str = "") -> Any:
 
 def _pick_registered(base: type, registry: dict[str, type], data: dict, prefix: str) -> type:
     name = data.get("name", getattr(base, "name", None))
-    if isinstance(name, dataclasses.Field):
-        name = None
     if name not in registry:
         raise ConfigError(f"{_join(prefix, 'name')}: {name!r} is not one of {sorted(registry)}")
     return registry[name]

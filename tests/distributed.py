@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,3 +51,14 @@ def run_distributed(fn: Callable, world: int, *args: Any) -> list[Any]:
             start_method="spawn",
         )
         return [torch.load(Path(out_dir) / f"{r}.pt", weights_only=False) for r in range(world)]
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Run a block with torch's default dtype set (float64 for tight 2-vs-1 comparisons)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)

@@ -12,7 +12,7 @@ from pretrain.methods import StepState, build_method
 from pretrain.methods.mocov3 import MoCoV3Config
 from pretrain.methods.simclr import SimCLRConfig
 from pretrain.modules.sync_bn import GlobalBatchNorm
-from tests.distributed import run_distributed
+from tests.distributed import default_dtype, run_distributed
 
 B = 8
 
@@ -37,12 +37,8 @@ def make_views() -> list[torch.Tensor]:
 
 def loss_and_grads(rank: int, world: int, name: str, dtype: torch.dtype = torch.float32) -> dict:
     """Loss (mean over ranks) and averaged gradients of one step on this rank's slice."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
+    with default_dtype(dtype):
         return _loss_and_grads(rank, world, name)
-    finally:
-        torch.set_default_dtype(previous)
 
 
 def _loss_and_grads(rank: int, world: int, name: str) -> dict:

@@ -27,7 +27,7 @@ from pretrain.metrics import read_metrics
 from pretrain.modules.dino_head import multi_crop_features
 from pretrain.step import train_step
 from pretrain.train import train
-from tests.distributed import run_distributed
+from tests.distributed import default_dtype, run_distributed
 
 RECIPES = Path(__file__).resolve().parents[1] / "pretrain" / "recipes" / "debug"
 
@@ -274,9 +274,7 @@ def test_swav_prototypes_frozen_normalised_and_queue_filled() -> None:
 
 
 def loss_grads(rank: int, world: int, name: str) -> dict:
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
+    with default_dtype(torch.float64):
         cfg = {"queue_length": 8} if name == "swav" else {}
         method = build_engine(EngineConfig(), torch.device("cpu")).wrap(make_method(name, **cfg))
         if name == "swav":  # a full queue: rank r holds rows r*L/W:(r+1)*L/W of one process's
@@ -297,8 +295,6 @@ def loss_grads(rank: int, world: int, name: str) -> dict:
         }
         extra = method.center.clone() if name == "dino" else None
         return {"loss": float(loss), "grads": grads, "extra": extra}
-    finally:
-        torch.set_default_dtype(previous)
 
 
 @pytest.mark.parametrize("name", ["dino", "swav"])

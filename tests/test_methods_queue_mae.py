@@ -32,7 +32,7 @@ from pretrain.modules.queue import KeyQueue
 from pretrain.optim import build_optimizer
 from pretrain.step import train_step
 from pretrain.train import train
-from tests.distributed import run_distributed
+from tests.distributed import default_dtype, run_distributed
 
 RECIPES = Path(__file__).resolve().parents[1] / "pretrain" / "recipes" / "debug"
 B = 8
@@ -203,12 +203,8 @@ def make_method(name: str) -> nn.Module:
 
 
 def one_step(rank: int, world: int, name: str) -> dict:
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
+    with default_dtype(torch.float64):
         return _one_step(rank, world, name)
-    finally:
-        torch.set_default_dtype(previous)
 
 
 def _one_step(rank: int, world: int, name: str) -> dict:

@@ -24,7 +24,7 @@ from pretrain.metrics import read_metrics
 from pretrain.optim import OptimConfig, build_optimizer
 from pretrain.schedules import cosine_momentum
 from pretrain.train import train
-from tests.distributed import run_distributed
+from tests.distributed import default_dtype, run_distributed
 
 RECIPES = Path(__file__).resolve().parents[1] / "pretrain" / "recipes" / "debug"
 METHOD_NAMES = ["byol", "simsiam", "barlow_twins", "vicreg"]
@@ -173,12 +173,8 @@ def make_method(name: str) -> nn.Module:
 def loss_and_grads(rank: int, world: int) -> dict[str, dict]:
     """Per method: loss (mean over ranks) and DDP-averaged student gradients of one step, in
     float64 (one spawn for all four methods keeps the test fast)."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
+    with default_dtype(torch.float64):
         return {name: _loss_and_grads(rank, world, name) for name in METHOD_NAMES}
-    finally:
-        torch.set_default_dtype(previous)
 
 
 def _loss_and_grads(rank: int, world: int, name: str) -> dict:
@@ -278,14 +274,10 @@ def barlow_after_two_lars_steps(bias_lr_ratio: float, no_decay_lr_scale: float) 
 
 def test_barlow_bias_lr_ratio_equals_a_lower_lr_for_biases_and_norms() -> None:
     """The paper's 0.0048 / 0.2 lr for biases and BN, done as a gradient scale under LARS."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
+    with default_dtype(torch.float64):
         scaled_grad = barlow_after_two_lars_steps(0.024, 1.0)
         scaled_lr = barlow_after_two_lars_steps(1.0, 0.024)
         plain = barlow_after_two_lars_steps(1.0, 1.0)
-    finally:
-        torch.set_default_dtype(previous)
     changed = 0
     for (n, a), b, c in zip(
         scaled_grad.named_parameters(), scaled_lr.parameters(), plain.parameters(), strict=True

@@ -13,11 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from pretrain.backbones import Backbone
 from pretrain.losses.redundancy import barlow_twins_loss
 from pretrain.methods.base import LossOutput, Method, MethodConfig, StepState
+from pretrain.modules.encoder import PerViewEncoder
 from pretrain.modules.heads import mlp
 
 
@@ -42,18 +42,6 @@ class BarlowTwinsConfig(MethodConfig):
             raise ValueError(f"method.bias_lr_ratio: must be >= 0, got {self.bias_lr_ratio}")
 
 
-class ProjectedStudent(nn.Module):
-    """Backbone + projector, one view at a time (BN statistics per view, as in the paper)."""
-
-    def __init__(self, backbone: Backbone, projector: nn.Module):
-        super().__init__()
-        self.backbone = backbone
-        self.projector = projector
-
-    def forward(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [self.projector(self.backbone(v)) for v in views]  # V × [b, dim]
-
-
 class BarlowTwins(Method):
     views = "two_view"
 
@@ -61,7 +49,7 @@ class BarlowTwins(Method):
         super().__init__()
         self.cfg = cfg
         projector = mlp(backbone.embed_dim, cfg.hidden_dim, cfg.dim, cfg.proj_layers, bias=False)
-        self.student = ProjectedStudent(backbone, projector)
+        self.student = PerViewEncoder(backbone, projector)
 
     def forward(self, views: list[torch.Tensor], state: StepState) -> LossOutput:
         z1, z2 = self.run_student(views)  # [b, dim] each

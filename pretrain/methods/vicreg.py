@@ -6,11 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from pretrain.backbones import Backbone
 from pretrain.losses.redundancy import vicreg_loss
 from pretrain.methods.base import LossOutput, Method, MethodConfig, StepState
+from pretrain.modules.encoder import PerViewEncoder
 from pretrain.modules.heads import mlp
 
 
@@ -28,18 +28,6 @@ class VICRegConfig(MethodConfig):
     cov_coeff: float = 1.0
 
 
-class VICRegStudent(nn.Module):
-    """Backbone + expander, one view at a time (BN statistics per view, as in the paper)."""
-
-    def __init__(self, backbone: Backbone, projector: nn.Module):
-        super().__init__()
-        self.backbone = backbone
-        self.projector = projector
-
-    def forward(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [self.projector(self.backbone(v)) for v in views]  # V × [b, dim]
-
-
 class VICReg(Method):
     views = "two_view"
 
@@ -47,7 +35,7 @@ class VICReg(Method):
         super().__init__()
         self.cfg = cfg
         projector = mlp(backbone.embed_dim, cfg.hidden_dim, cfg.dim, cfg.proj_layers)
-        self.student = VICRegStudent(backbone, projector)
+        self.student = PerViewEncoder(backbone, projector)
 
     def forward(self, views: list[torch.Tensor], state: StepState) -> LossOutput:
         z1, z2 = self.run_student(views)  # [b, dim] each

@@ -18,3 +18,11 @@ class Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.projector(self.backbone(x))  # [b, dim]
+
+
+class PerViewEncoder(Encoder):
+    """The same, called on a list of views one at a time (BN statistics per view, as in the
+    Barlow Twins and VICReg papers): ``V × [b, 3, H, W] -> V × [b, dim]``."""
+
+    def forward(self, views: list[torch.Tensor]) -> list[torch.Tensor]:  # type: ignore[override]
+        return [self.projector(self.backbone(v)) for v in views]

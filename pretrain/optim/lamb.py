@@ -19,6 +19,8 @@ from collections.abc import Iterable
 import torch
 from torch.optim import Optimizer
 
+from pretrain.optim.lars import trust_ratio
+
 
 class Lamb(Optimizer):
     def __init__(
@@ -64,12 +66,6 @@ class Lamb(Optimizer):
                 update = (m / (1 - beta1**t)).div_(denom)
                 update.add_(p, alpha=group["weight_decay"])
                 if group["trust_adaptation"]:
-                    update.mul_(_trust_ratio(p, update))
+                    update.mul_(trust_ratio(p, update))
                 p.add_(update, alpha=-group["lr"])
         return loss
-
-
-def _trust_ratio(p: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
-    w_norm, u_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(update)
-    ratio = w_norm / u_norm
-    return torch.where((w_norm > 0) & (u_norm > 0), ratio, torch.ones_like(ratio))

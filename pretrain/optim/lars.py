@@ -50,7 +50,7 @@ class LARS(Optimizer):
                     continue
                 update = p.grad.add(p, alpha=group["weight_decay"])
                 if group["trust_adaptation"]:
-                    update.mul_(self._trust_ratio(p, update, group["trust_coefficient"]))
+                    update.mul_(trust_ratio(p, update, group["trust_coefficient"]))
                 buf = self.state[p].get("momentum_buffer")
                 if buf is None:
                     buf = self.state[p]["momentum_buffer"] = update.clone()
@@ -59,8 +59,9 @@ class LARS(Optimizer):
                 p.add_(buf, alpha=-group["lr"])
         return loss
 
-    @staticmethod
-    def _trust_ratio(p: torch.Tensor, update: torch.Tensor, eta: float) -> torch.Tensor:
-        w_norm, u_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(update)
-        ratio = eta * w_norm / u_norm
-        return torch.where((w_norm > 0) & (u_norm > 0), ratio, torch.ones_like(ratio))
+
+def trust_ratio(p: torch.Tensor, update: torch.Tensor, eta: float = 1.0) -> torch.Tensor:
+    """``η · ‖w‖ / ‖u‖``, or 1 when either norm is 0 (LARS with η = 0.001, LAMB with η = 1)."""
+    w_norm, u_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(update)
+    ratio = eta * w_norm / u_norm
+    return torch.where((w_norm > 0) & (u_norm > 0), ratio, torch.ones_like(ratio))
