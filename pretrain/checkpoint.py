@@ -1,8 +1,9 @@
 """Atomic, complete, exactly-resumable checkpoints (contract in DESIGN.md).
 
-Layout: ``run_dir/checkpoints/step-<N>/`` with ``state.pt`` (model(s), optimizer, engine,
-method buffers, loader position, resolved config; written by rank 0), ``rank-<r>.pt`` (each
-rank's RNG states) and ``meta.json``. Everything is written into ``.step-<N>.tmp/`` and renamed
+Layout: ``run_dir/checkpoints/step-<N>/`` with ``state.pt`` (loader position, resolved config,
+engine state and, for replicated engines, model(s), method buffers and optimizer; written by
+rank 0), whatever a sharded engine writes beside it (``dcp/`` for FSDP, ``deepspeed/``),
+``rank-<r>.pt`` (each rank's RNG states) and ``meta.json`` (step, world size, engine). Everything is written into ``.step-<N>.tmp/`` and renamed
 when all ranks are done, so a crash never leaves a directory that looks complete.
 """
 
@@ -14,13 +15,14 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from pretrain.dist import barrier, rank
+from pretrain.dist import barrier, rank, world_size
 
 log = logging.getLogger(__name__)
 
@@ -84,25 +86,27 @@ def _python_state_to_plain(state: tuple) -> list:
 
 
 def save_checkpoint(
-    run_dir: str | os.PathLike, step: int, main_state: dict[str, Any], keep: int
+    run_dir: str | os.PathLike,
+    step: int,
+    build_state: Callable[[Path], dict[str, Any]],
+    keep: int,
+    meta: dict[str, Any] | None = None,
 ) -> Path:
-    """Collective: every rank calls it; rank 0 writes ``state.pt``, each rank its RNG file."""
+    """Collective: every rank calls it. Every rank runs ``build_state(tmp_dir)`` (sharded
+    engines write their shards there) and writes its RNG file; rank 0 writes the returned
+    state as ``state.pt`` plus ``meta.json``; then the directory is renamed into place."""
     root = checkpoint_root(run_dir)
     tmp, final = root / f".step-{step}.tmp", root / f"step-{step}"
     if rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
+    main_state = build_state(tmp)
     _save_file({"rng": rng_state()}, tmp / f"rank-{rank()}.pt")
     if rank() == 0:
         _save_file(main_state, tmp / "state.pt")
-        meta = {
-            "step": step,
-            "world_size": torch.distributed.get_world_size()
-            if torch.distributed.is_initialized()
-            else 1,
-        }
-        (tmp / "meta.json").write_text(json.dumps(meta) + "\n")
+        info = {"step": step, "world_size": world_size()} | (meta or {})
+        (tmp / "meta.json").write_text(json.dumps(info) + "\n")
     barrier()
     if rank() == 0:
         if final.exists():
@@ -113,6 +117,13 @@ def save_checkpoint(
         log.info("checkpoint saved: %s", final)
     barrier()
     return final
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    """``meta.json`` of a checkpoint: step, world size, engine (``ddp`` when not recorded)."""
+    meta = json.loads((path / "meta.json").read_text())
+    meta.setdefault("engine", "ddp")
+    return meta
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:

@@ -6,6 +6,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -16,7 +17,7 @@ from pretrain.config import Config, config_to_yaml, to_dict
 from pretrain.data.loader import TrainLoader
 from pretrain.data.views import view_maker
 from pretrain.dist import DistInfo, all_reduce_sums, detect_launch, init_distributed, pick_device
-from pretrain.engine import Engine, build_engine
+from pretrain.engine import Engine, build_engine, plain_model_state
 from pretrain.export import export_backbone
 from pretrain.methods import Method, StepState, build_method
 from pretrain.metrics import MetricsLogger, Throughput
@@ -45,7 +46,7 @@ class Run:
     device: torch.device
     method: Method
     engine: Engine
-    optimizer: torch.optim.Optimizer
+    optimizer: Any  # torch optimizer, or the engine's wrapper of it (DeepSpeed)
     peak_lr: float
     loader: TrainLoader
     metrics: MetricsLogger
@@ -120,6 +121,7 @@ def build_run(cfg: Config) -> Run:
     engine = build_engine(cfg.engine, device)
     method = engine.wrap(build_method(cfg.method, build_backbone(cfg.backbone)))
     optimizer, peak_lr = build_optimizer(cfg.optim, method.student, cfg.run.global_batch_size)
+    optimizer = engine.attach_optimizer(method, optimizer)
     start, loader_state = resume(run_dir, method, optimizer, engine)
     loader = TrainLoader(
         cfg.data.train,
@@ -162,29 +164,26 @@ def log_step(run: Run, step: int, logs: dict, meter: Throughput) -> None:
 
 
 def save(run: Run, step: int) -> None:
-    """Collective: the loader state merges every rank's consumed samples."""
-    state = {
-        "step": step,
-        "model": run.method.state_dict(),
-        "optimizer": run.optimizer.state_dict(),
-        "engine": run.engine.state_dict(),
-        "loader": run.loader.state_dict(),
-        "config": to_dict(run.cfg),
-    }
-    ckpt.save_checkpoint(run.cfg.run.dir, step, state, run.cfg.checkpoint.keep)
+    """Collective: the engine writes its shards; the loader state merges every rank's
+    consumed samples."""
+
+    def build_state(directory: Path) -> dict:
+        state = run.engine.save_state(run.method, run.optimizer, directory)
+        return state | {"step": step, "loader": run.loader.state_dict(), "config": to_dict(run.cfg)}
+
+    meta = {"engine": run.engine.name}
+    ckpt.save_checkpoint(run.cfg.run.dir, step, build_state, run.cfg.checkpoint.keep, meta)
 
 
 def finish(run: Run, step: int, stopped_by_signal: bool = False) -> RunResult:
     run.metrics.close()
     finished = step >= run.cfg.run.total_steps
     export_dir = None
-    if finished and run.cfg.run.export and run.info.is_main:
-        export_dir = export_backbone(
-            run.method.export_backbone(),
-            Path(run.cfg.run.dir) / "export",
-            extra=export_extra(run.cfg, step),
-        )
-        log.info("exported backbone to %s", export_dir)
+    if finished and run.cfg.run.export:
+        state = run.engine.full_model_state(run.method)  # collective; None off rank 0
+        if state is not None:
+            export_dir = export_from_state(run.cfg, state, step)
+            log.info("exported backbone to %s", export_dir)
     return RunResult(step, finished, export_dir, stopped_by_signal)
 
 
@@ -199,16 +198,20 @@ def check_batch(cfg: Config, info: DistInfo) -> int:
 
 
 def resume(
-    run_dir: Path, method: Method, optimizer: torch.optim.Optimizer, engine: Engine
+    run_dir: Path, method: Method, optimizer: Any, engine: Engine
 ) -> tuple[int, dict | None]:
     """Load the newest complete checkpoint, if any: returns (step, loader state)."""
     path = ckpt.latest_checkpoint(run_dir)
     if path is None:
         return 0, None
+    saved_by = ckpt.read_meta(path)["engine"]
+    if saved_by != engine.name:
+        raise ValueError(
+            f"engine.name: {path} was saved by the {saved_by!r} engine; resume it with "
+            f"engine.name={saved_by} (or export it and start a new run)"
+        )
     state, rank_state = ckpt.load_checkpoint(path)
-    method.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    engine.load_state_dict(state["engine"])
+    engine.load_state(method, optimizer, path, state)
     if rank_state is not None:
         ckpt.set_rng_state(rank_state["rng"])
     log.info("resumed from %s (step %d)", path, state["step"])
@@ -247,14 +250,18 @@ def export_only(cfg: Config) -> Path:
     path = ckpt.latest_checkpoint(cfg.run.dir)
     if path is None:
         raise ValueError(f"run.dir: no checkpoint in {cfg.run.dir}/checkpoints")
+    state, _ = ckpt.load_checkpoint(path)
+    model_state = plain_model_state(path, ckpt.read_meta(path)["engine"], state)
+    return export_from_state(cfg, model_state, state["step"])
+
+
+def export_from_state(cfg: Config, model_state: dict, step: int) -> Path:
+    """Rebuild the plain method on the CPU, load ``model_state`` and export its backbone."""
     torch.manual_seed(cfg.run.seed)
     method = build_method(cfg.method, build_backbone(cfg.backbone))
-    state, _ = ckpt.load_checkpoint(path)
-    method.load_state_dict(state["model"])
+    method.load_state_dict(model_state)
     return export_backbone(
-        method.export_backbone(),
-        Path(cfg.run.dir) / "export",
-        extra=export_extra(cfg, state["step"]),
+        method.export_backbone(), Path(cfg.run.dir) / "export", extra=export_extra(cfg, step)
     )
 
 

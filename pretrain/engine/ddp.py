@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,7 +16,12 @@ from pretrain.modules.sync_bn import convert_sync_batchnorm
 
 
 class DDPEngine(Engine):
-    """Replicated parameters, gradients averaged by DDP; fp16 uses a GradScaler."""
+    """Replicated parameters, gradients averaged by DDP; fp16 uses a GradScaler.
+
+    Checkpoints hold the whole model and optimizer in rank 0's ``state.pt``: they load on any
+    number of processes."""
+
+    name = "ddp"
 
     def __init__(self, cfg, device: torch.device):
         super().__init__(cfg, device)
@@ -55,9 +61,20 @@ class DDPEngine(Engine):
         optimizer.zero_grad(set_to_none=True)
         return logs
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"scaler": self.scaler.state_dict()}
+    def save_state(self, method: Method, optimizer: Any, directory: Path) -> dict[str, Any]:
+        return {
+            "model": method.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "engine": {"scaler": self.scaler.state_dict()},
+        }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if "scaler" in state:
-            self.scaler.load_state_dict(state["scaler"])
+    def load_state(
+        self, method: Method, optimizer: Any, directory: Path, state: dict[str, Any]
+    ) -> None:
+        method.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if "scaler" in state.get("engine", {}):
+            self.scaler.load_state_dict(state["engine"]["scaler"])
+
+    def full_model_state(self, method: Method) -> dict[str, torch.Tensor] | None:
+        return method.state_dict()

@@ -19,7 +19,7 @@ from collections.abc import Iterable
 import torch
 from torch.optim import Optimizer
 
-from pretrain.optim.lars import trust_ratio
+from pretrain.optim.trust import ShardLayout, local, trust_scales
 
 
 class Lamb(Optimizer):
@@ -41,6 +41,8 @@ class Lamb(Optimizer):
         )
         super().__init__(params, defaults)
 
+        self.shard_layout: ShardLayout | None = None  # set by sharded engines
+
     @torch.no_grad()
     def step(self, closure=None):  # noqa: D102
         loss = None
@@ -48,24 +50,30 @@ class Lamb(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-                state["step"] += 1
-                t = state["step"]
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                m.mul_(beta1).add_(p.grad, alpha=1 - beta1)
-                v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-                denom = (v / (1 - beta2**t)).sqrt_().add_(group["eps"])
-                update = (m / (1 - beta1**t)).div_(denom)
-                update.add_(p, alpha=group["weight_decay"])
-                if group["trust_adaptation"]:
-                    update.mul_(trust_ratio(p, update))
-                p.add_(update, alpha=-group["lr"])
+            params = [p for p in group["params"] if p.grad is not None]
+            updates = [self._adam_direction(p, group) for p in params]
+            if group["trust_adaptation"]:
+                weights = [local(p) for p in params]
+                scales = trust_scales(params, weights, updates, 1.0, self.shard_layout)
+                for u, s in zip(updates, scales, strict=True):
+                    u.mul_(s)
+            for p, update in zip(params, updates, strict=True):
+                local(p).add_(update, alpha=-group["lr"])
         return loss
+
+    def _adam_direction(self, p: torch.Tensor, group: dict) -> torch.Tensor:
+        """``r = m̂ / (sqrt(v̂) + eps) + wd · w`` on this rank's shard (moments updated)."""
+        beta1, beta2 = group["betas"]
+        state = self.state[p]
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p)  # same type (DTensor or not) as p
+            state["exp_avg_sq"] = torch.zeros_like(p)
+        state["step"] += 1
+        t = state["step"]
+        g, m, v = local(p.grad), local(state["exp_avg"]), local(state["exp_avg_sq"])
+        m.mul_(beta1).add_(g, alpha=1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        denom = (v / (1 - beta2**t)).sqrt_().add_(group["eps"])
+        update = (m / (1 - beta1**t)).div_(denom)
+        return update.add_(local(p), alpha=group["weight_decay"])

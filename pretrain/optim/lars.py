@@ -18,6 +18,8 @@ from collections.abc import Iterable
 import torch
 from torch.optim import Optimizer
 
+from pretrain.optim.trust import ShardLayout, local, trust_scales
+
 
 class LARS(Optimizer):
     def __init__(
@@ -38,6 +40,8 @@ class LARS(Optimizer):
         )
         super().__init__(params, defaults)
 
+        self.shard_layout: ShardLayout | None = None  # set by sharded engines
+
     @torch.no_grad()
     def step(self, closure=None):  # noqa: D102
         loss = None
@@ -45,23 +49,20 @@ class LARS(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                update = p.grad.add(p, alpha=group["weight_decay"])
-                if group["trust_adaptation"]:
-                    update.mul_(trust_ratio(p, update, group["trust_coefficient"]))
-                buf = self.state[p].get("momentum_buffer")
-                if buf is None:
-                    buf = self.state[p]["momentum_buffer"] = update.clone()
+            params = [p for p in group["params"] if p.grad is not None]
+            updates = [local(p.grad).add(local(p), alpha=group["weight_decay"]) for p in params]
+            if group["trust_adaptation"]:
+                weights = [local(p) for p in params]
+                eta = group["trust_coefficient"]
+                scales = trust_scales(params, weights, updates, eta, self.shard_layout)
+                for u, s in zip(updates, scales, strict=True):
+                    u.mul_(s)
+            for p, update in zip(params, updates, strict=True):
+                state = self.state[p]
+                if "momentum_buffer" not in state:  # same type (DTensor or not) as p
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                    local(state["momentum_buffer"]).copy_(update)
                 else:
-                    buf.mul_(group["momentum"]).add_(update)
-                p.add_(buf, alpha=-group["lr"])
+                    local(state["momentum_buffer"]).mul_(group["momentum"]).add_(update)
+                local(p).add_(local(state["momentum_buffer"]), alpha=-group["lr"])
         return loss
-
-
-def trust_ratio(p: torch.Tensor, update: torch.Tensor, eta: float = 1.0) -> torch.Tensor:
-    """``η · ‖w‖ / ‖u‖``, or 1 when either norm is 0 (LARS with η = 0.001, LAMB with η = 1)."""
-    w_norm, u_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(update)
-    ratio = eta * w_norm / u_norm
-    return torch.where((w_norm > 0) & (u_norm > 0), ratio, torch.ones_like(ratio))
