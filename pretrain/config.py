@@ -74,8 +74,12 @@ class CheckpointConfig:
 
 @dataclass
 class LogConfig:
+    """``sample_keys``: every rank appends the (epoch, index) of each sample it trains on to
+    ``run.dir/samples/rank-<r>.jsonl`` (for auditing data order across resumes)."""
+
     every: int = 10
     tensorboard: bool = True
+    sample_keys: bool = False
 
     def validate(self) -> None:
         if self.every < 1:

@@ -50,6 +50,29 @@ class MetricsLogger:
             self.tb.close()
 
 
+class SampleKeyLog:
+    """``samples/rank-<r>.jsonl``: ``{"step", "epoch": [...], "index": [...]}`` per step."""
+
+    def __init__(self, run_dir: str | os.PathLike, rank: int, start_step: int):
+        self.path = Path(run_dir) / "samples" / f"rank-{rank}.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        truncate_after(self.path, start_step)
+
+    def log(self, step: int, epochs: list[int], indices: list[int]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, "epoch": epochs, "index": indices}) + "\n")
+
+
+def read_sample_keys(run_dir: str | os.PathLike) -> list[tuple[int, int]]:
+    """Every (epoch, index) trained on, over all ranks' sample logs of ``run_dir``."""
+    keys = []
+    for path in sorted((Path(run_dir) / "samples").glob("rank-*.jsonl")):
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            keys.extend(zip(rec["epoch"], rec["index"], strict=True))
+    return keys
+
+
 def truncate_after(path: Path, step: int) -> None:
     """Drop lines whose ``step`` is greater than ``step`` (atomic rewrite)."""
     if not path.exists():

@@ -20,7 +20,7 @@ from pretrain.dist import DistInfo, all_reduce_sums, detect_launch, init_distrib
 from pretrain.engine import Engine, build_engine, plain_model_state
 from pretrain.export import export_backbone
 from pretrain.methods import Method, StepState, build_method
-from pretrain.metrics import MetricsLogger, Throughput
+from pretrain.metrics import MetricsLogger, SampleKeyLog, Throughput
 from pretrain.optim import apply_schedule, build_optimizer
 from pretrain.preemption import StopRequest
 from pretrain.schedules import warmup_cosine
@@ -81,9 +81,12 @@ def run_steps(run: Run, stop: StopRequest) -> int:
     cfg = run.cfg
     end = cfg.run.stop_after or cfg.run.total_steps
     meter, batches, step = Throughput(), iter(run.loader), run.start
+    sample_log = SampleKeyLog(cfg.run.dir, run.info.rank, step) if cfg.log.sample_keys else None
     while step < end:
         t0 = time.perf_counter()
         batch = next(batches)  # waits for the loader workers
+        if sample_log is not None:
+            sample_log.log(step + 1, batch["epoch"].tolist(), batch["index"].tolist())
         views = [to_device(v, run.device, cfg.engine.channels_last) for v in batch["views"]]
         meter.add(views[0].shape[0] * run.info.world_size, time.perf_counter() - t0)
         apply_schedule(run.optimizer, run.lr_at(step), run.weight_decay_at(step))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,31 @@ def cifar_train_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     src = cifar_subset(root / "images", "train", 32)
     write_shards(src, root / "shards", WriteOptions(shard_size=40, workers=1))
     return root / "shards"
+
+
+ENGINE_STEPS = 10  # steps of the engine-parity runs (sharded engines against DDP)
+
+
+@pytest.fixture(scope="session")
+def ddp_reference(
+    tmp_path_factory: pytest.TempPathFactory, cifar_train_shards: Path
+) -> Callable[..., Path]:
+    """``ddp_reference(method, *overrides)``: the run directory of a 2-process fp32 DDP run of
+    the debug recipe for ``ENGINE_STEPS`` steps, trained once per session and argument list."""
+    from tests.launch import overrides, train_cli
+
+    cache: dict[tuple[str, ...], Path] = {}
+
+    def get(method: str, *extra: str) -> Path:
+        key = (method, *extra)
+        if key not in cache:
+            run_dir = tmp_path_factory.mktemp(f"ddp-{method}")
+            args = ["engine.name=ddp", "engine.precision=fp32", *extra]
+            train_cli(method, *overrides(cifar_train_shards, run_dir, ENGINE_STEPS, *args))
+            cache[key] = run_dir
+        return cache[key]
+
+    return get
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ from pretrain.config import load_config
 from pretrain.export import load_exported_backbone
 from pretrain.metrics import read_metrics
 from pretrain.train import train
+from tests.launch import train_cli
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "pretrain" / "recipes" / "debug"
@@ -60,33 +60,15 @@ def test_exact_resume_single_process(
         assert torch.equal(value, state_b["model"][key]), key
 
 
-def torchrun(*args: str) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "pretrain",
-        *args,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-
-
 @pytest.mark.parametrize("method", ["simclr", "mocov3"])
 def test_exact_resume_two_processes(cifar_train_shards: Path, tmp_path: Path, method: str) -> None:
-    recipe = str(RECIPES / f"{method}.yaml")
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     for run_dir, extra in [
         (straight, []),
         (resumed, [f"run.stop_after={STEPS // 2}"]),
         (resumed, []),
     ]:
-        proc = torchrun(recipe, *overrides(cifar_train_shards, run_dir, *extra))
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        train_cli(method, *overrides(cifar_train_shards, run_dir, *extra))
     assert losses(straight) == losses(resumed)
     assert len(losses(straight)) == STEPS
     meta = (ckpt.latest_checkpoint(resumed) / "meta.json").read_text()

@@ -7,6 +7,8 @@ import copy
 import torch
 from torch import nn
 
+from pretrain.optim.trust import local
+
 
 def make_teacher(student: nn.Module) -> nn.Module:
     """A frozen copy of ``student``: same weights, ``requires_grad=False`` everywhere."""
@@ -25,5 +27,5 @@ def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float) -> None
     shard it holds.
     """
     student_params = dict(student.named_parameters())
-    pairs = [(t, student_params[n]) for n, t in teacher.named_parameters()]
+    pairs = [(local(t), local(student_params[n])) for n, t in teacher.named_parameters()]
     torch._foreach_lerp_([t for t, _ in pairs], [s.detach() for _, s in pairs], 1.0 - momentum)
