@@ -69,7 +69,8 @@ def trust_scales(
     if not updates:
         return []
     device = updates[0].device
-    sq = torch.zeros(2, layout.num_params, dtype=torch.float32, device=device)  # [2, P]
+    acc = torch.promote_types(updates[0].dtype, torch.float32)  # bf16 sums lose too much
+    sq = torch.zeros(2, layout.num_params, dtype=acc, device=device)  # [2, P]
     for t, w, u in zip(tensors, weights, updates, strict=True):
         keys, lengths = _segments(layout, t, device)
         sq[0].index_add_(0, keys, _segment_sq(w, lengths))
@@ -99,7 +100,7 @@ def _segments(
 
 def _segment_sq(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """Sum of squares of each consecutive stretch of ``x.flatten()`` (``[len(lengths)]``)."""
-    flat = x.reshape(-1).float()
+    flat = x.reshape(-1).to(torch.promote_types(x.dtype, torch.float32))
     if len(lengths) == 1:
         return flat.pow(2).sum().reshape(1)
     return torch.segment_reduce(flat.pow(2), "sum", lengths=lengths)
