@@ -35,3 +35,42 @@ def test_cuda_training_is_finite(
     assert result.finished and result.export_dir is not None
     losses = [m["loss"] for m in read_metrics(tmp_path)]
     assert len(losses) == 8 and all(math.isfinite(v) for v in losses)
+
+
+def gpu_run(method: str, shards: Path, run_dir: Path, *extra: str) -> list[float]:
+    """A torchrun run on one GPU (NCCL); returns its per-step losses."""
+    from tests.launch import losses, overrides, train_cli
+
+    train_cli(method, *overrides(shards, run_dir, 8, *extra), nproc=1)
+    return [v for _, v in losses(run_dir)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["mocov3", "dino", "mae"])
+def test_fsdp_bf16_on_nccl_follows_ddp(
+    cifar_train_shards: Path, tmp_path: Path, method: str
+) -> None:
+    """bf16 parameters under FSDP2 (fp32 reductions) against bf16 autocast under DDP."""
+    ddp = gpu_run(method, cifar_train_shards, tmp_path / "ddp", "engine.precision=bf16")
+    fsdp = gpu_run(
+        method, cifar_train_shards, tmp_path / "fsdp", "engine.name=fsdp", "engine.precision=bf16"
+    )
+    assert all(math.isfinite(v) for v in fsdp)
+    assert max(abs(a - b) / abs(a) for a, b in zip(ddp, fsdp, strict=True)) < 0.05
+
+
+@pytest.mark.gpu
+def test_fsdp_compile_and_checkpointing_keep_the_losses(
+    cifar_train_shards: Path, tmp_path: Path
+) -> None:
+    base = ("engine.name=fsdp", "engine.precision=fp32")
+    eager = gpu_run("mocov3", cifar_train_shards, tmp_path / "eager", *base)
+    compiled = gpu_run(
+        "mocov3",
+        cifar_train_shards,
+        tmp_path / "compiled",
+        *base,
+        "engine.compile=true",
+        "engine.activation_checkpointing=true",
+    )
+    assert max(abs(a - b) / abs(a) for a, b in zip(eager, compiled, strict=True)) < 1e-3
