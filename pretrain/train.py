@@ -204,21 +204,27 @@ def resume(
     run_dir: Path, method: Method, optimizer: Any, engine: Engine
 ) -> tuple[int, dict | None]:
     """Load the newest complete checkpoint, if any: returns (step, loader state)."""
-    path = ckpt.latest_checkpoint(run_dir)
+    path = check_resumable(run_dir, engine.name)
     if path is None:
         return 0, None
-    saved_by = ckpt.read_meta(path)["engine"]
-    if saved_by != engine.name:
-        raise ValueError(
-            f"engine.name: {path} was saved by the {saved_by!r} engine; resume it with "
-            f"engine.name={saved_by} (or export it and start a new run)"
-        )
     state, rank_state = ckpt.load_checkpoint(path)
     engine.load_state(method, optimizer, path, state)
     if rank_state is not None:
         ckpt.set_rng_state(rank_state["rng"])
     log.info("resumed from %s (step %d)", path, state["step"])
     return state["step"], state["loader"]
+
+
+def check_resumable(run_dir: str | Path, engine_name: str) -> Path | None:
+    """The newest checkpoint of ``run_dir`` (``None``: none), refused when another engine wrote
+    it (checkpoint layouts differ between engines)."""
+    path = ckpt.latest_checkpoint(run_dir)
+    if path is not None and (saved_by := ckpt.read_meta(path)["engine"]) != engine_name:
+        raise ValueError(
+            f"engine.name: {path} was saved by the {saved_by!r} engine; resume it with "
+            f"engine.name={saved_by} (or export it and start a new run)"
+        )
+    return path
 
 
 def to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
@@ -246,6 +252,7 @@ def preflight(cfg: Config) -> None:
             f"data.train: {cfg.data.train} is not a shard directory (no manifest.json)"
         )
     check_batch(cfg, detect_launch())
+    check_resumable(cfg.run.dir, cfg.engine.name)
 
 
 def export_only(cfg: Config) -> Path:

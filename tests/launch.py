@@ -36,6 +36,12 @@ def torchrun(*args: str, nproc: int = 2, timeout: int = 600) -> subprocess.Compl
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    """``python -m pretrain ARGS`` as one plain process."""
+    cmd = [sys.executable, "-m", "pretrain", *args]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
 def train_cli(recipe: str, *args: str, nproc: int = 2) -> None:
     """Run the CLI and fail with the tail of its stderr when it does not exit 0."""
     proc = torchrun(str(RECIPES / f"{recipe}.yaml"), *args, nproc=nproc)

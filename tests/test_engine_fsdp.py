@@ -17,7 +17,7 @@ from pretrain.engine.fsdp import DCP_DIR
 from pretrain.metrics import read_sample_keys
 from pretrain.train import build_run
 from tests.conftest import ENGINE_STEPS
-from tests.launch import RECIPES, final_model_state, losses, overrides, train_cli
+from tests.launch import RECIPES, final_model_state, losses, overrides, run_cli, train_cli
 
 FSDP = ("engine.name=fsdp", "engine.precision=fp32")
 # Max |difference| against DDP after 10 steps. ViT methods with AdamW: what FSDP's
@@ -155,3 +155,31 @@ def test_resume_on_another_world_size_sees_each_sample_once(
     assert sorted(epoch0) == list(range(320)), "a sample of the interrupted epoch was skipped"
     assert set(epoch0.values()) == {1}, "a sample of the interrupted epoch was seen twice"
     assert (run_dir / "export" / "backbone.safetensors").is_file()
+
+
+def test_export_only_consolidates_a_sharded_checkpoint(fsdp_runs: dict, tmp_path: Path) -> None:
+    """``--export-only`` on an FSDP run (no process group) writes the backbone training exported."""
+    from safetensors.torch import load_file
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(fsdp_runs["mocov3"], run_dir)
+    trained = load_file(run_dir / "export" / "backbone.safetensors")
+    shutil.rmtree(run_dir / "export")
+    proc = run_cli(
+        str(RECIPES / "mocov3.yaml"), f"run.dir={run_dir}", "engine.name=fsdp", "--export-only"
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    exported = load_file(run_dir / "export" / "backbone.safetensors")
+    assert exported.keys() == trained.keys()
+    assert all(torch.equal(exported[k], trained[k]) for k in trained)
+
+
+def test_resuming_with_another_engine_is_refused(
+    ddp_reference, cifar_train_shards: Path, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    shutil.copytree(ddp_reference("mocov3"), run_dir)
+    args = overrides(cifar_train_shards, run_dir, ENGINE_STEPS + 2, *FSDP)
+    proc = run_cli(str(RECIPES / "mocov3.yaml"), *args)
+    assert proc.returncode == 2
+    assert "saved by the 'ddp' engine; resume it with engine.name=ddp" in proc.stderr

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +12,7 @@ from pretrain.config import load_config
 from pretrain.export import load_exported_backbone
 from pretrain.metrics import read_metrics
 from pretrain.train import train
-from tests.launch import train_cli
+from tests.launch import run_cli, train_cli
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "pretrain" / "recipes" / "debug"
@@ -105,16 +103,6 @@ def test_export_matches_trained_backbone(cifar_train_shards: Path, tmp_path: Pat
     }
     for key, value in backbone.state_dict().items():
         assert torch.equal(value, teacher[key]), key  # MoCo v3 exports the momentum encoder
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "pretrain", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 @pytest.mark.parametrize(

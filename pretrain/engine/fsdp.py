@@ -74,13 +74,16 @@ class FSDPEngine(Engine):
         )
         self.groups = [g for g in (method.student, method.teacher) if g is not None]
         for group in self.groups:
-            self._shard(group, mesh, policy)
+            self._shard(group, mesh, policy, trained=group is method.student)
         return method
 
-    def _shard(self, group: nn.Module, mesh, policy: MixedPrecisionPolicy) -> None:
-        """checkpointing → compile → ``fully_shard`` for each block, then the whole group."""
+    def _shard(
+        self, group: nn.Module, mesh, policy: MixedPrecisionPolicy, trained: bool
+    ) -> None:
+        """checkpointing (trained group only) → compile → ``fully_shard`` for each block, then
+        the whole group."""
         for unit in shard_units(group):
-            if self.cfg.activation_checkpointing and group.training:
+            if self.cfg.activation_checkpointing and trained:
                 apply_activation_checkpointing(unit)
             if self.cfg.compile:
                 unit.compile()
