@@ -10,6 +10,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from pretrain.dist import rank
 from pretrain.engine.base import Engine
 from pretrain.methods.base import Method
 from pretrain.modules.sync_bn import convert_sync_batchnorm
@@ -77,4 +78,4 @@ class DDPEngine(Engine):
             self.scaler.load_state_dict(state["engine"]["scaler"])
 
     def full_model_state(self, method: Method) -> dict[str, torch.Tensor] | None:
-        return method.state_dict()
+        return method.state_dict() if rank() == 0 else None
