@@ -15,12 +15,12 @@ KNN_TRAIN ?= 10000
 KNN_TEST ?= 5000
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint format clean
+.PHONY: setup demo test lint format clean slurm-up slurm-down
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH_PINS)
-	$(PY) -m pip install --quiet -e '.[dev,deepspeed]'
+	$(PY) -m pip install --quiet -e '.[dev,deepspeed,slurm]'
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -32,12 +32,19 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# A single-node Slurm on this machine (installs slurm-wlm + munge when missing; needs root).
+slurm-up:
+	bash slurm/local/up.sh
+
+slurm-down:
+	bash slurm/local/down.sh
+
 lint: setup
-	$(PY) -m ruff check pretrain data_prep eval tests
-	$(PY) -m ruff format --check pretrain data_prep eval tests
+	$(PY) -m ruff check pretrain data_prep eval tests slurm
+	$(PY) -m ruff format --check pretrain data_prep eval tests slurm
 
 format: setup
-	$(PY) -m ruff format pretrain data_prep eval tests
+	$(PY) -m ruff format pretrain data_prep eval tests slurm
 
 clean:
 	rm -rf $(WORK) .pytest_cache

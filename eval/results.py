@@ -9,6 +9,7 @@ Record (contract, see DESIGN.md "Eval results")::
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import platform
@@ -55,6 +56,7 @@ def append_result(path: str | os.PathLike, record: dict[str, Any]) -> None:
     line = json.dumps(record, sort_keys=False) + "\n"
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # array tasks append to one file concurrently
         f.write(line)
         f.flush()
         os.fsync(f.fileno())

@@ -16,7 +16,7 @@ examples:
   python -m pretrain RECIPE.yaml --print-config
 
 The run resumes from the newest complete checkpoint in run.dir when one exists.
-SIGUSR1 or SIGTERM: every rank stops after the same step, one checkpoint is saved, and the
+SIGUSR1, SIGUSR2 or SIGTERM: every rank stops after the same step, one checkpoint is saved, and the
 process exits with status 75 (start the same command again to resume).
 Keys every launcher relies on: run.dir run.seed run.total_steps run.stop_after
 run.global_batch_size data.train data.num_workers checkpoint.every checkpoint.keep log.every
@@ -34,6 +34,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("recipe", help="recipe YAML (sets only what differs from the defaults)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, applied last")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument(
+        "--print-run-dir",
+        action="store_true",
+        help="print the resolved run.dir as an absolute path and exit (for launch scripts)",
+    )
     p.add_argument(
         "--export-only",
         action="store_true",
@@ -54,6 +59,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.print_config:
         print(config_to_yaml(cfg), end="")
+        return 0
+    if args.print_run_dir:
+        from pathlib import Path
+
+        print(Path(cfg.run.dir).resolve())
         return 0
     from pretrain.preemption import EXIT_REQUEUE
     from pretrain.train import export_only, preflight, train

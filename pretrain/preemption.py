@@ -1,7 +1,7 @@
 """Stop cleanly on a signal: every rank agrees on the step boundary, saves, and exits.
 
-Slurm sends SIGUSR1 (``--signal``) ahead of a time limit and SIGTERM on preemption or
-``scancel``. The handler only sets a flag; the training loop asks :meth:`StopRequest.agreed`
+Slurm sends SIGUSR1 (``--signal`` of ``slurm/pretrain.sbatch``) or SIGUSR2 (submitit's) ahead
+of a time limit and SIGTERM on preemption or ``scancel``. The handler only sets a flag; the training loop asks :meth:`StopRequest.agreed`
 at every log step, which all-reduces the flag (MAX) so that all ranks stop after the same step,
 write one checkpoint together and exit with :data:`EXIT_REQUEUE` for the launcher to requeue.
 """
@@ -18,11 +18,11 @@ import torch.distributed as dist
 log = logging.getLogger(__name__)
 
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: stopped early on request; resume by starting the same command
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
 
 
 class StopRequest:
-    """Installs handlers for SIGUSR1/SIGTERM; ``agreed()`` is collective when distributed."""
+    """Installs handlers for SIGUSR1/SIGUSR2/SIGTERM; ``agreed()`` is collective when distributed."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
