@@ -77,9 +77,7 @@ class FSDPEngine(Engine):
             self._shard(group, mesh, policy, trained=group is method.student)
         return method
 
-    def _shard(
-        self, group: nn.Module, mesh, policy: MixedPrecisionPolicy, trained: bool
-    ) -> None:
+    def _shard(self, group: nn.Module, mesh, policy: MixedPrecisionPolicy, trained: bool) -> None:
         """checkpointing (trained group only) → compile → ``fully_shard`` for each block, then
         the whole group."""
         for unit in shard_units(group):
