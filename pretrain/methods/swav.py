@@ -6,11 +6,14 @@ for the 2 global crops come from :func:`sinkhorn_knopp` over the global batch (n
 every other crop predicts them (:func:`swav_loss`). Prototypes get no gradient for the first
 ``freeze_prototypes_steps``.
 
-Queue (paper §4 / official code, for small batches): from ``queue_start_step`` on, each rank
-keeps a FIFO of its own last ``queue_length // world_size`` embeddings of each global crop (a
-buffer, so it survives resume); once full, their prototype scores are prepended to the batch's
-scores for Sinkhorn only — they enlarge the equal-partition problem, never the loss. Queues are
-per rank as in the paper: the union over ranks is what one process with the whole batch keeps.
+Queue (paper §4 / official code, for small batches): from ``queue_start_step`` on, a FIFO of
+the last ``queue_length`` embeddings of each global crop over the global batch (a buffer, so it
+survives resume); once full, their prototype scores are prepended to the batch's scores for
+Sinkhorn only — they enlarge the equal-partition problem, never the loss. The official code
+keeps ``queue_length / world_size`` rows per rank; here every rank holds the whole queue
+(updated from the all-gathered embeddings) and scores its slice ``r`` of it, so the union over
+ranks is exactly what one process with the whole batch keeps, and a checkpoint resumes on any
+world size that divides ``queue_length``.
 """
 
 from __future__ import annotations
@@ -18,12 +21,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from pretrain.backbones import Backbone
+from pretrain.dist import rank, world_size
 from pretrain.losses.dino import upcast
+from pretrain.losses.gather import gather_no_grad
 from pretrain.losses.swav import sinkhorn_knopp, swav_loss
 from pretrain.methods.base import LossOutput, Method, MethodConfig, StepState
 from pretrain.modules.dino_head import multi_crop_features
@@ -83,14 +87,14 @@ class SwAV(Method):
         projector = mlp(backbone.embed_dim, cfg.hidden_dim, cfg.dim, 2)
         prototypes = nn.Linear(cfg.dim, cfg.nmb_prototypes, bias=False)
         self.student = SwAVStudent(backbone, projector, prototypes)
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        world = world_size()
         if cfg.queue_length % world:
             raise ValueError(
                 f"method.queue_length: {cfg.queue_length} is not divisible by the world size "
                 f"{world}"
             )
-        # [crops for assignment, per-rank length, dim]; zeros = empty (the paper's test)
-        self.register_buffer("queue", torch.zeros(N_GLOBAL, cfg.queue_length // world, cfg.dim))
+        # [crops for assignment, length, dim], the same on every rank; zeros = empty (the paper's)
+        self.register_buffer("queue", torch.zeros(N_GLOBAL, cfg.queue_length, cfg.dim))
 
     @torch.no_grad()
     def normalize_prototypes_(self) -> None:
@@ -118,12 +122,14 @@ class SwAV(Method):
         if use_queue:
             queue = self.queue[i]  # [L, dim]
             if not torch.all(queue[-1] == 0):  # full
+                mine = queue.chunk(world_size())[rank()]  # [L / world, dim]
                 w = self.student.prototypes.weight
                 with torch.autocast(queue.device.type, enabled=False):  # scores / ε: keep fp32
-                    queue_scores = queue @ w.to(queue.dtype).t()  # [L, K]
-                out = torch.cat([queue_scores, upcast(out)])  # [L + b, K]
+                    queue_scores = mine @ w.to(queue.dtype).t()  # [L / world, K]
+                out = torch.cat([queue_scores, upcast(out)])  # [L / world + b, K]
             # newest first, oldest dropped: the paper's queue[b:] = queue[:-b]; queue[:b] = z
-            queue.copy_(torch.cat([z.to(queue.dtype), queue])[: queue.shape[0]])
+            z_all = gather_no_grad(z.to(queue.dtype))  # [B, dim], rank order
+            queue.copy_(torch.cat([z_all, queue])[: queue.shape[0]])
         q = sinkhorn_knopp(out, self.cfg.epsilon, self.cfg.sinkhorn_iterations)
         return q[-scores.shape[0] :]  # [b, K]
 
