@@ -17,7 +17,7 @@ from pretrain.config import Config, config_to_yaml, to_dict
 from pretrain.data.loader import TrainLoader
 from pretrain.data.views import view_maker
 from pretrain.dist import DistInfo, all_reduce_sums, detect_launch, init_distributed, pick_device
-from pretrain.engine import Engine, build_engine, plain_model_state
+from pretrain.engine import Engine, build_engine, check_engine_supports, plain_model_state
 from pretrain.export import export_backbone
 from pretrain.methods import Method, StepState, build_method
 from pretrain.metrics import MetricsLogger, SampleKeyLog, Throughput
@@ -122,6 +122,7 @@ def build_run(cfg: Config) -> Run:
         (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     engine = build_engine(cfg.engine, device)
+    engine.per_device_batch = per_device_batch
     method = engine.wrap(build_method(cfg.method, build_backbone(cfg.backbone)))
     optimizer, peak_lr = build_optimizer(cfg.optim, method.student, cfg.run.global_batch_size)
     optimizer = engine.attach_optimizer(method, optimizer)
@@ -252,6 +253,7 @@ def preflight(cfg: Config) -> None:
             f"data.train: {cfg.data.train} is not a shard directory (no manifest.json)"
         )
     check_batch(cfg, detect_launch())
+    check_engine_supports(cfg.engine, cfg.method)
     check_resumable(cfg.run.dir, cfg.engine.name)
 
 

@@ -122,7 +122,10 @@ class SlurmCommand:
             )
         if int(os.environ.get("SLURM_PROCID", "0")) == 0:
             os.kill(os.getpid(), signal.Signals[f"SIG{submitit_signal()}"])
-        time.sleep(3600)  # Slurm ends every task when the job is requeued
+        # The requeue ends every task with SIGTERM, which submitit ignores: leave at once then
+        # (no result file: the job is not over) instead of waiting for Slurm's SIGKILL.
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+        time.sleep(3600)
 
 
 def use_task_cpus() -> None:

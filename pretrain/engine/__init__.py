@@ -30,6 +30,15 @@ def build_engine(cfg: EngineConfig, device: torch.device) -> Engine:
     raise ValueError(f"engine.name: {cfg.name!r} is not one of ['ddp', 'fsdp', 'deepspeed']")
 
 
+def check_engine_supports(engine_cfg: EngineConfig, method_cfg: Any) -> None:
+    """Refuse (``ValueError``, before any work) a method setting the engine cannot run."""
+    if engine_cfg.name == "deepspeed":
+        from pretrain.engine.deepspeed import check_supported
+        from pretrain.methods import METHODS
+
+        check_supported(method_cfg, METHODS[method_cfg.name][0])
+
+
 def plain_model_state(
     directory: Path, engine_name: str, state: dict[str, Any]
 ) -> dict[str, torch.Tensor]:
@@ -48,4 +57,11 @@ def plain_model_state(
     raise ValueError(f"{directory}: saved by an unknown engine {engine_name!r}")
 
 
-__all__ = ["DDPEngine", "Engine", "EngineConfig", "build_engine", "plain_model_state"]
+__all__ = [
+    "DDPEngine",
+    "Engine",
+    "EngineConfig",
+    "build_engine",
+    "check_engine_supports",
+    "plain_model_state",
+]

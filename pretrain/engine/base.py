@@ -63,6 +63,7 @@ class Engine:
         self.cfg = cfg
         self.device = device
         self.dtype = resolve_precision(cfg.precision, device)
+        self.per_device_batch: int | None = None  # set by the loop (DeepSpeed's counters)
 
     def wrap(self, method: Method) -> Method:
         raise NotImplementedError
