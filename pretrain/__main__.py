@@ -80,10 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     if result.export_dir is not None:
         print(f"exported: {result.export_dir}")
     status = EXIT_REQUEUE if result.stopped_by_signal else 0
-    import torch.distributed as dist
+    from pretrain.dist import shutdown
 
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    shutdown()
     logging.shutdown()
     return status
 

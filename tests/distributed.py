@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from pretrain.dist import shutdown
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -31,11 +33,13 @@ def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, out_dir
     )
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
+    ok = False
     try:
         result = fn(rank, world, *args)
         torch.save(result, Path(out_dir) / f"{rank}.pt")
+        ok = True
     finally:
-        dist.destroy_process_group()
+        shutdown(synchronize=ok)  # a failed rank must not wait for the others
 
 
 def run_distributed(fn: Callable, world: int, *args: Any) -> list[Any]:
