@@ -74,3 +74,22 @@ def test_fsdp_compile_and_checkpointing_keep_the_losses(
         "engine.activation_checkpointing=true",
     )
     assert max(abs(a - b) / abs(a) for a, b in zip(eager, compiled, strict=True)) < 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_bf16_on_nccl_follows_ddp(
+    cifar_train_shards: Path, tmp_path: Path, stage: int
+) -> None:
+    """ZeRO with DeepSpeed's torch_autocast bf16 against DDP's bf16 autocast (MoCo v3, ViT)."""
+    ddp = gpu_run("mocov3", cifar_train_shards, tmp_path / "ddp", "engine.precision=bf16")
+    zero = gpu_run(
+        "mocov3",
+        cifar_train_shards,
+        tmp_path / "zero",
+        "engine.name=deepspeed",
+        f"engine.zero_stage={stage}",
+        "engine.precision=bf16",
+    )
+    assert all(math.isfinite(v) for v in zero)
+    assert max(abs(a - b) / abs(a) for a, b in zip(ddp, zero, strict=True)) < 0.05
