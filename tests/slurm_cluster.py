@@ -53,18 +53,36 @@ def job_field(job: str, key: str) -> str:
     return match.group(1) if match else ""
 
 
+FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+
+
 def wait_until_done(job: str, timeout: float = 600) -> str:
     """Wait for a job to end, releasing it whenever a requeue left it held (Slurm holds a
-    requeued job ~2 minutes by default). Returns the final state."""
+    requeued job ~2 minutes by default). Released at once, a requeued job can be started on a
+    node still cleaning up its previous run and killed ("Job credential revoked"), so it is
+    released only after 5 s pending with no job completing. A state counts as final only when
+    it is unchanged 5 s later."""
     deadline = time.monotonic() + timeout
+    held_since = None
     while time.monotonic() < deadline:
         state = job_field(job, "JobState")
-        if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
-            return state
+        if state in FINAL_STATES:
+            time.sleep(5)
+            if job_field(job, "JobState") == state:
+                return state
+            continue
         if state == "PENDING" and job_field(job, "Reason") == "BeginTime":
-            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=False)
+            held_since = held_since or time.monotonic()
+            if time.monotonic() - held_since > 5 and not jobs_completing():
+                subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=False)
+                held_since = None
         time.sleep(1)
     raise AssertionError(f"job {job} did not end within {timeout} s")
+
+
+def jobs_completing() -> bool:
+    proc = subprocess.run(["squeue", "-h", "-t", "CG"], capture_output=True, text=True, timeout=30)
+    return bool(proc.stdout.strip())
 
 
 def wait_for_steps(run_dir: Path, steps: int, timeout: float = 300) -> None:
