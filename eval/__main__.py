@@ -1,4 +1,6 @@
-"""``python -m eval knn --backbone PATH --train DATA --test DATA ...``: evaluate frozen backbones.
+"""``python -m eval knn --backbone PATH [--arch NAME] --train DATA --test DATA ...``: evaluate
+frozen backbones (``--backbone``: an export, a training run or checkpoint, or a released checkpoint
+file; see ``eval/load.py``).
 
 Every result is one JSON line appended to ``--results`` (see ``eval/results.py``); the run ends
 with a small table of this run's results. Input problems (missing path, unlabelled data) exit
@@ -22,10 +24,11 @@ from eval.features import check_labelled, extract_features
 from eval.knn import DEFAULT_K, DEFAULT_TEMPERATURE, knn_classify, protocol_name
 from eval.load import (
     EvalInputError,
+    add_backbone_args,
+    checkpoint_path,
     export_spec,
     load_backbone,
     random_init_like,
-    resolve_export_dir,
     weights_sha256,
 )
 from eval.results import append_result, dataset_name, format_table, versions
@@ -52,10 +55,9 @@ def _number(kind: type, minimum: float, strict: bool = False):
 
 def _add_common_args(p: argparse.ArgumentParser) -> None:
     """Options every protocol shares: what to evaluate, on which data, where results go."""
+    add_backbone_args(p)  # --backbone PATH [--arch NAME]
     add = p.add_argument
     # fmt: off
-    add("--backbone", required=True, metavar="PATH",
-        help="export directory (backbone.yaml + backbone.safetensors) or its backbone.safetensors")
     add("--train", required=True, metavar="DATA", help=f"labelled train data: {DATA_HELP}")
     add("--test", required=True, metavar="DATA", help=f"labelled test data: {DATA_HELP}")
     add("--image-size", type=_number(int, 1), default=None, metavar="PX",
@@ -150,10 +152,11 @@ def _record(args: argparse.Namespace, metrics: dict, init: str, seconds: float) 
         "init": init,
         "mean": args.mean,
         "std": args.std,
+        "arch": args.arch,
         **counts,
     }
     return {
-        "checkpoint": str(resolve_export_dir(args.backbone).resolve()),
+        "checkpoint": str(checkpoint_path(args.backbone)),
         "sha256": weights_sha256(args.backbone),
         "protocol": protocol_name(args.k, args.temperature),
         "dataset": dataset_name(args.test),
@@ -169,7 +172,7 @@ def run_knn(args: argparse.Namespace) -> list[dict[str, Any]]:
     for data in (args.train, args.test):
         check_labelled(data)
     device = _device(args.device)
-    backbone, name = load_backbone(args.backbone)
+    backbone, name = load_backbone(args.backbone, args.arch)
     fill_input_defaults(args, export_spec(args.backbone))
     candidates = [("trained", backbone)]
     if args.random_init_baseline:
