@@ -1,5 +1,5 @@
-"""``python -m eval knn --backbone PATH [--arch NAME] --train DATA --test DATA ...``: evaluate
-frozen backbones (``--backbone``: an export, a training run or checkpoint, or a released checkpoint
+"""``python -m eval {knn,linear} --backbone PATH [--arch NAME] --train DATA --test DATA ...``:
+evaluate frozen backbones (``--backbone``: an export, a training run or checkpoint, or a released checkpoint
 file; see ``eval/load.py``).
 
 Every result is one JSON line appended to ``--results`` (see ``eval/results.py``); the run ends
@@ -20,8 +20,18 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from eval.features import check_labelled, extract_features
+from eval.features import check_labelled, extract_features, extract_raw_features
 from eval.knn import DEFAULT_K, DEFAULT_TEMPERATURE, knn_classify, protocol_name
+from eval.linear import (
+    DEFAULT_LRS,
+    OPTIMIZERS,
+    FeatureCache,
+    ProbeConfig,
+    cache_key,
+    default_cache_dir,
+    linear_probe,
+    probe_config_dict,
+)
 from eval.load import (
     EvalInputError,
     add_backbone_args,
@@ -51,6 +61,14 @@ def _number(kind: type, minimum: float, strict: bool = False):
         return value
 
     return parse
+
+
+def _fraction(text: str) -> float:
+    """An argparse type: a float strictly between 0 and 1."""
+    value = float(text)
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"{text} must be > 0 and < 1")
+    return value
 
 
 def _add_common_args(p: argparse.ArgumentParser) -> None:
@@ -108,7 +126,52 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="T",
         help=f"vote temperature T in exp(sim / T) (default: {DEFAULT_TEMPERATURE})",
     )
+    linear = sub.add_parser(
+        "linear",
+        help="linear probe on frozen features (MAE recipe), a learning-rate grid in one pass",
+        description="Linear probe (MAE recipe): BatchNorm1d(affine=False) + Linear on the frozen "
+        "pooled features, cross-entropy, SGD or LARS with momentum, cosine learning rate after a "
+        "linear warmup. One head per --lrs value is trained in the same pass over the same "
+        "batches; --val-fraction of the train set is held out (seeded) to pick the learning rate "
+        "with the best validation top-1, and that head's test top-1 / top-5 (percent) are "
+        "reported. Features are cached per (weights sha256, data, image size, normalisation, "
+        "sample limit, split) in --cache-dir, so a second run does not run the backbone.",
+    )
+    _add_common_args(linear)
+    _add_linear_args(linear)
     return parser
+
+
+def _add_linear_args(p: argparse.ArgumentParser) -> None:
+    """Options of the linear probe (the probe's own batch size is --probe-batch-size)."""
+    add = p.add_argument
+    lrs = " ".join(f"{lr:g}" for lr in DEFAULT_LRS)
+    # fmt: off
+    add("--lrs", type=_number(float, 0.0, strict=True), nargs="+", default=list(DEFAULT_LRS),
+        metavar="LR", help=f"learning-rate grid, one head each, trained in one pass (default: {lrs})")
+    add("--epochs", type=_number(int, 1), default=90, metavar="N",
+        help="passes over the train features (default: 90)")
+    add("--warmup-epochs", type=_number(float, 0.0), default=10.0, metavar="N",
+        help="epochs of linear learning-rate warmup before the cosine decay (default: 10)")
+    add("--probe-batch-size", type=_number(int, 2), default=1024, metavar="N",
+        help="feature rows per probe step (default: 1024)")
+    add("--optimizer", choices=OPTIMIZERS, default="sgd",
+        help="sgd, or lars (pretrain.optim.lars; biases without trust ratio) (default: sgd)")
+    add("--momentum", type=_number(float, 0.0), default=0.9, metavar="M",
+        help="SGD / LARS momentum (default: 0.9)")
+    add("--weight-decay", type=_number(float, 0.0), default=0.0, metavar="WD",
+        help="weight decay of the head (default: 0)")
+    add("--val-fraction", type=_fraction, default=0.1, metavar="F",
+        help="fraction (0 < F < 1) of the train samples held out (seeded) to choose the "
+        "learning rate (default: 0.1)")
+    add("--seed", type=int, default=0,
+        help="seed of the validation split, head initialisation and batch order (default: 0)")
+    add("--cache-dir", default=str(default_cache_dir()), metavar="DIR",
+        help="feature cache directory, one <key>.pt per (weights, data, input settings, split); "
+        "delete it to recompute (default: $XDG_CACHE_HOME/sslpipe/features, i.e. "
+        "~/.cache/sslpipe/features)")
+    add("--no-cache", action="store_true", help="neither read nor write the feature cache")
+    # fmt: on
 
 
 def _device(name: str) -> torch.device:
@@ -121,9 +184,9 @@ def _is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def _knn_metrics(backbone: Backbone, args: argparse.Namespace, device: torch.device) -> dict:
-    """Features of train and test, then the weighted k-NN vote; adds the sample counts."""
-    common = {
+def _input_options(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Keyword arguments of the feature extractors that come from the common options."""
+    return {
         "image_size": args.image_size,
         "batch_size": args.batch_size,
         "num_workers": args.num_workers,
@@ -131,19 +194,73 @@ def _knn_metrics(backbone: Backbone, args: argparse.Namespace, device: torch.dev
         "mean": args.mean,
         "std": args.std,
     }
+
+
+def _knn_metrics(
+    backbone: Backbone, args: argparse.Namespace, device: torch.device, init: str
+) -> tuple[dict, dict]:
+    """Features of train and test, then the weighted k-NN vote: ``(metrics, config extras)``."""
+    common = _input_options(args, device)
     train_x, train_y = extract_features(backbone, args.train, max_samples=args.max_train, **common)
     test_x, test_y = extract_features(backbone, args.test, max_samples=args.max_test, **common)
     num_classes = int(max(train_y.max(), test_y.max())) + 1
     metrics = knn_classify(train_x, train_y, test_x, test_y, args.k, args.temperature, num_classes)
-    return metrics | {"num_train": train_x.shape[0], "num_test": test_x.shape[0]}
+    extras = {"k": args.k, "temperature": args.temperature}
+    return metrics, extras | {"num_train": train_x.shape[0], "num_test": test_x.shape[0]}
 
 
-def _record(args: argparse.Namespace, metrics: dict, init: str, seconds: float) -> dict[str, Any]:
-    """The results record (contract: DESIGN.md "Eval results")."""
-    counts = {key: metrics.pop(key) for key in ("num_train", "num_test")}
+def _linear_metrics(
+    backbone: Backbone, args: argparse.Namespace, device: torch.device, init: str
+) -> tuple[dict, dict]:
+    """Cached (or extracted) raw features of train and test, then the linear probe grid."""
+    cache = FeatureCache(None if args.no_cache else args.cache_dir)
+    sha = weights_sha256(args.backbone)
+    common = _input_options(args, device)
+
+    def features(split: str, data: str, limit: int | None):
+        key = cache_key(sha, data, split, args.image_size, args.mean, args.std, limit, init)
+        return cache.get(
+            key, lambda: extract_raw_features(backbone, data, max_samples=limit, **common)
+        )
+
+    train_x, train_y, _ = features("train", args.train, args.max_train)
+    test_x, test_y, _ = features("test", args.test, args.max_test)
+    cfg = ProbeConfig(
+        lrs=tuple(args.lrs),
+        epochs=args.epochs,
+        warmup_epochs=args.warmup_epochs,
+        batch_size=args.probe_batch_size,
+        optimizer=args.optimizer,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        seed=args.seed,
+    )
+    if train_x.shape[0] < 3:
+        raise EvalInputError(f"{args.train}: a linear probe needs at least 3 train samples")
+    # every rank trains the same probe on the same gathered features; rank 0 writes the result
+    result = linear_probe(train_x, train_y, test_x, test_y, cfg, args.val_fraction, device=device)
+    probe = probe_config_dict(cfg)
+    extras = {f"probe_{k}" if k == "batch_size" else k: v for k, v in probe.items()} | {
+        "val_fraction": args.val_fraction,
+        "lr": result.lr,
+        "grid": result.grid,
+        "feature_cache": {
+            "hit": cache.hits == 2,
+            "hits": cache.hits,
+            "dir": None if args.no_cache else str(cache.root),
+        },
+        "num_train": train_x.shape[0],
+        "num_test": test_x.shape[0],
+    }
+    return result.metrics(), extras
+
+
+def _record(
+    args: argparse.Namespace, protocol: str, metrics: dict, extras: dict, init: str, seconds: float
+) -> dict[str, Any]:
+    """The results record (contract: DESIGN.md "Eval results"); ``extras`` join the config."""
     config = {
-        "k": args.k,
-        "temperature": args.temperature,
+        **extras,
         "image_size": args.image_size,
         "max_train": args.max_train,
         "max_test": args.max_test,
@@ -153,12 +270,11 @@ def _record(args: argparse.Namespace, metrics: dict, init: str, seconds: float) 
         "mean": args.mean,
         "std": args.std,
         "arch": args.arch,
-        **counts,
     }
     return {
         "checkpoint": str(checkpoint_path(args.backbone)),
         "sha256": weights_sha256(args.backbone),
-        "protocol": protocol_name(args.k, args.temperature),
+        "protocol": protocol,
         "dataset": dataset_name(args.test),
         "metrics": metrics,
         "config": config,
@@ -167,8 +283,10 @@ def _record(args: argparse.Namespace, metrics: dict, init: str, seconds: float) 
     }
 
 
-def run_knn(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Evaluate the backbone (and, if asked, its random-init twin); append and return the records."""
+def _run(args: argparse.Namespace, protocol: str, evaluate) -> list[dict[str, Any]]:
+    """Evaluate the backbone (and, if asked, its random-init twin) with
+    ``evaluate(backbone, args, device, init) -> (metrics, config extras)``; rank 0 appends the
+    records; all are returned."""
     for data in (args.train, args.test):
         check_labelled(data)
     device = _device(args.device)
@@ -180,13 +298,23 @@ def run_knn(args: argparse.Namespace) -> list[dict[str, Any]]:
     records = []
     for init, model in candidates:
         start = time.perf_counter()
-        metrics = _knn_metrics(model, args, device)
-        record = _record(args, metrics, init, time.perf_counter() - start)
+        metrics, extras = evaluate(model, args, device, init)
+        record = _record(args, protocol, metrics, extras, init, time.perf_counter() - start)
         log.info("%s (%s): top1 %.2f top5 %.2f", name, init, metrics["top1"], metrics["top5"])
         if _is_main():
             append_result(args.results, record)
         records.append(record)
     return records
+
+
+def run_knn(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """``python -m eval knn``: weighted k-NN (see ``eval/knn.py``)."""
+    return _run(args, protocol_name(args.k, args.temperature), _knn_metrics)
+
+
+def run_linear(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """``python -m eval linear``: linear probe with an lr grid (see ``eval/linear.py``)."""
+    return _run(args, "linear", _linear_metrics)
 
 
 def fill_input_defaults(args: argparse.Namespace, spec: dict[str, Any]) -> None:
@@ -199,7 +327,7 @@ def fill_input_defaults(args: argparse.Namespace, spec: dict[str, Any]) -> None:
         args.std = list(spec.get("std", IMAGENET_STD))
 
 
-PROTOCOLS = {"knn": run_knn}
+PROTOCOLS = {"knn": run_knn, "linear": run_linear}
 
 
 def main(argv: list[str] | None = None) -> int:

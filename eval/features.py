@@ -117,6 +117,43 @@ def gather_by_index(
     return feats[order][first], labels[order][first], index[first]
 
 
+def extract_raw_features(
+    backbone: Backbone,
+    data_path: str | os.PathLike,
+    image_size: int,
+    batch_size: int,
+    num_workers: int,
+    max_samples: int | None = None,
+    device: torch.device | str = "cpu",
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pooled backbone features ``[N, D]`` (float32, not normalised), labels ``[N]`` and global
+    sample indices ``[N]`` (long) of ``data_path``, gathered over ranks, in index order.
+
+    Arguments as :func:`extract_features`.
+    """
+    check_labelled(data_path)
+    device = torch.device(device)
+    rank, world = _rank_and_world()
+    transform = _transform(image_size, mean, std)
+    try:
+        loader = eval_loader(str(data_path), transform, batch_size, num_workers, rank, world)
+    except FileNotFoundError as exc:  # ImageFolder: class folders without images
+        raise EvalInputError(f"{data_path}: {exc}") from exc
+    was_training = backbone.training
+    backbone.eval().to(device, memory_format=torch.channels_last)
+    try:
+        feats, labels, index = _extract_local(backbone, loader, device, max_samples)
+    finally:
+        backbone.train(was_training)
+    feats, labels, index = gather_by_index(feats, labels, index)
+    if labels.numel() and int(labels.min()) < 0:
+        raise EvalInputError(f"{data_path}: some samples carry no label")
+    log.info("features of %s: %s (rank %d of %d)", data_path, tuple(feats.shape), rank, world)
+    return feats, labels, index
+
+
 def extract_features(
     backbone: Backbone,
     data_path: str | os.PathLike,
@@ -134,22 +171,7 @@ def extract_features(
     for the first ``max_samples`` samples by global index (all when ``None``), in index order.
     Normalisation statistics default to those of ``pretrain.data.views.eval_transform``.
     """
-    check_labelled(data_path)
-    device = torch.device(device)
-    rank, world = _rank_and_world()
-    transform = _transform(image_size, mean, std)
-    try:
-        loader = eval_loader(str(data_path), transform, batch_size, num_workers, rank, world)
-    except FileNotFoundError as exc:  # ImageFolder: class folders without images
-        raise EvalInputError(f"{data_path}: {exc}") from exc
-    was_training = backbone.training
-    backbone.eval().to(device, memory_format=torch.channels_last)
-    try:
-        feats, labels, index = _extract_local(backbone, loader, device, max_samples)
-    finally:
-        backbone.train(was_training)
-    feats, labels, _ = gather_by_index(feats, labels, index)
-    if labels.numel() and int(labels.min()) < 0:
-        raise EvalInputError(f"{data_path}: some samples carry no label")
-    log.info("features of %s: %s (rank %d of %d)", data_path, tuple(feats.shape), rank, world)
+    feats, labels, _ = extract_raw_features(
+        backbone, data_path, image_size, batch_size, num_workers, max_samples, device, mean, std
+    )
     return F.normalize(feats, dim=1), labels
