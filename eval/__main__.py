@@ -139,6 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_common_args(linear)
     _add_linear_args(linear)
+    _add_finetune_parsers(sub)
+    sub.add_parser(  # parsed by eval/batch.py (main() hands it the arguments)
+        "batch",
+        add_help=False,
+        help="many checkpoints x protocols -> one results file and table, resumable "
+        "(python -m eval batch --help)",
+    )
     return parser
 
 
@@ -327,11 +334,56 @@ def fill_input_defaults(args: argparse.Namespace, spec: dict[str, Any]) -> None:
         args.std = list(spec.get("std", IMAGENET_STD))
 
 
-PROTOCOLS = {"knn": run_knn, "linear": run_linear}
+def _add_finetune_parsers(sub) -> None:
+    """The ``finetune`` and ``semisup`` subcommands (eval/finetune.py, eval/semisup.py)."""
+    from eval.finetune import add_finetune_args
+    from eval.semisup import add_semisup_args
+
+    finetune = sub.add_parser(
+        "finetune",
+        help="fine-tune the whole network + a new linear head (MAE recipe)",
+        description="End-to-end fine-tuning (MAE recipe): AdamW with warmup + per-step cosine, "
+        "layer-wise lr decay for ViTs, mixup/cutmix with label smoothing, drop path, random "
+        "resized crop + flip; top-1 / top-5 (percent) on the test set. One process.",
+    )
+    _add_common_args(finetune)
+    add_finetune_args(finetune)
+    semisup = sub.add_parser(
+        "semisup",
+        help="fine-tune or linear-probe on a fixed, seeded 1%% / 10%% label subset",
+        description="Semi-supervised evaluation: a seeded label subset of the train set "
+        "(class-balanced by default), saved as an index file and reused by every later run "
+        "(the file's seed wins), then --mode finetune or linear on it; reported on test.",
+    )
+    _add_common_args(semisup)
+    add_semisup_args(semisup)
+
+
+def run_finetune(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """``python -m eval finetune``: end-to-end fine-tuning (see ``eval/finetune.py``)."""
+    from eval.finetune import finetune_metrics
+
+    return _run(args, "finetune", finetune_metrics)
+
+
+def run_semisup(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """``python -m eval semisup``: label-subset fine-tuning / probe (see ``eval/semisup.py``)."""
+    from eval.semisup import semisup_metrics, semisup_protocol_name
+
+    return _run(args, semisup_protocol_name(args.fraction, args.mode), semisup_metrics)
+
+
+PROTOCOLS = {"knn": run_knn, "linear": run_linear, "finetune": run_finetune,
+             "semisup": run_semisup}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit status (2 for input errors)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["batch"]:  # eval/batch.py: runs the other subcommands through main()
+        from eval.batch import main as batch_main
+
+        return batch_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"

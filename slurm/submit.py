@@ -13,6 +13,9 @@ limit (SIGTERM on preemption): every rank stops after the same step, one checkpo
 and the job is requeued through submitit's checkpoint hook; the requeued job resumes from the
 newest checkpoint of ``run.dir``. ``--each FILE`` turns an eval command into a job array, one
 task per line of FILE (passed as ``--backbone LINE``), all appending to one results file.
+``-- eval batch ...`` becomes a job array of one ``eval PROTOCOL --backbone CKPT ...`` task per
+(checkpoint, protocol) pair not yet in its results file (``eval/batch.py``); rerun ``eval batch``
+afterwards to render the table.
 """
 
 from __future__ import annotations
@@ -208,7 +211,21 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         p.error("the command after '--' must start with 'pretrain' or 'eval'")
     if args.each and command[0] != "eval":
         p.error("--each makes an array of eval tasks; the command must start with 'eval'")
+    if args.each and is_batch(command):
+        p.error("--each does not combine with 'eval batch' (it names its own --checkpoints)")
     return args, command
+
+
+def is_batch(command: list[str]) -> bool:
+    """``eval batch ...``: submitted as one array task per missing (checkpoint, protocol)."""
+    return command[:2] == ["eval", "batch"]
+
+
+def batch_commands(command: list[str]) -> list[list[str]]:
+    """The ``eval PROTOCOL --backbone CKPT ...`` commands of the pairs not yet done."""
+    from eval.batch import missing_commands
+
+    return missing_commands(command[2:])
 
 
 def run_dir_of(command: list[str]) -> Path | None:
@@ -235,12 +252,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         profile = load_profile(args.profile)
         run_dir = run_dir_of(command)
-    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        if is_batch(command):
+            commands = batch_commands(command)
+        elif args.each:
+            commands = array_commands(command, args.each)
+        else:
+            commands = [command]
+    except (ConfigError, ValueError, FileNotFoundError) as exc:  # EvalInputError is a ValueError
         print(f"slurm/submit.py: {exc}", file=sys.stderr)
         return 2
+    if not commands:
+        print("nothing to submit: every (checkpoint, protocol) pair is in the results file")
+        return 0
     name = args.name or f"sslpipe-{command[0]}"
     params = slurm_parameters(profile, args, name)
-    commands = array_commands(command, args.each) if args.each else [command]
     if args.dry_run:
         print_dry_run(profile, params, commands, run_dir)
         return 0
@@ -249,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     executor = submitit.SlurmExecutor(folder=Path(profile.log_dir).resolve() / "%j")
     executor.update_parameters(**params)
     tasks = [SlurmCommand(c, profile.max_requeues) for c in commands]
-    jobs = executor.map_array(run_task, tasks) if args.each else [executor.submit(tasks[0])]
+    array = args.each or is_batch(command)
+    jobs = executor.map_array(run_task, tasks) if array else [executor.submit(tasks[0])]
     for job in jobs:
         print(f"job {job.job_id}")
         print(f"  stdout {job.paths.stdout}")
