@@ -1,5 +1,5 @@
-"""``python -m eval {knn,linear} --backbone PATH [--arch NAME] --train DATA --test DATA ...``:
-evaluate frozen backbones (``--backbone``: an export, a training run or checkpoint, or a released checkpoint
+"""``python -m eval {knn,linear,finetune,semisup,detect} --backbone PATH [--arch NAME]
+--train DATA --test DATA ...``: evaluate frozen backbones (``--backbone``: an export, a training run or checkpoint, or a released checkpoint
 file; see ``eval/load.py``).
 
 Every result is one JSON line appended to ``--results`` (see ``eval/results.py``); the run ends
@@ -140,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common_args(linear)
     _add_linear_args(linear)
     _add_finetune_parsers(sub)
+    _add_detect_parser(sub)
     sub.add_parser(  # parsed by eval/batch.py (main() hands it the arguments)
         "batch",
         add_help=False,
@@ -290,11 +291,13 @@ def _record(
     }
 
 
-def _run(args: argparse.Namespace, protocol: str, evaluate) -> list[dict[str, Any]]:
+def _run(
+    args: argparse.Namespace, protocol: str, evaluate, check_data: bool = True
+) -> list[dict[str, Any]]:
     """Evaluate the backbone (and, if asked, its random-init twin) with
     ``evaluate(backbone, args, device, init) -> (metrics, config extras)``; rank 0 appends the
-    records; all are returned."""
-    for data in (args.train, args.test):
+    records; all are returned. ``check_data``: the train / test data are labelled image sets."""
+    for data in (args.train, args.test) if check_data else ():
         check_labelled(data)
     device = _device(args.device)
     backbone, name = load_backbone(args.backbone, args.arch)
@@ -307,7 +310,8 @@ def _run(args: argparse.Namespace, protocol: str, evaluate) -> list[dict[str, An
         start = time.perf_counter()
         metrics, extras = evaluate(model, args, device, init)
         record = _record(args, protocol, metrics, extras, init, time.perf_counter() - start)
-        log.info("%s (%s): top1 %.2f top5 %.2f", name, init, metrics["top1"], metrics["top5"])
+        shown = " ".join(f"{k} {v:.2f}" for k, v in metrics.items() if isinstance(v, float))
+        log.info("%s (%s): %s", name, init, shown)
         if _is_main():
             append_result(args.results, record)
         records.append(record)
@@ -373,8 +377,28 @@ def run_semisup(args: argparse.Namespace) -> list[dict[str, Any]]:
     return _run(args, semisup_protocol_name(args.fraction, args.mode), semisup_metrics)
 
 
+def _add_detect_parser(sub) -> None:
+    """The ``detect`` subcommand (eval/detection/): its own data options (COCO JSON + images)."""
+    from eval.detection.cli import DESCRIPTION, add_detect_args
+
+    detect = sub.add_parser(
+        "detect",
+        help="Faster R-CNN + FPN (ResNet) / simple feature pyramid (ViT) on COCO-format data",
+        description=DESCRIPTION,
+    )
+    add_detect_args(detect)
+
+
+def run_detect(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """``python -m eval detect``: detection transfer (see ``eval/detection/``)."""
+    from eval.detection.cli import detect_metrics
+
+    args.image_size = args.min_size  # the record's input size (fill_input_defaults keeps it)
+    return _run(args, "detect", detect_metrics, check_data=False)
+
+
 PROTOCOLS = {"knn": run_knn, "linear": run_linear, "finetune": run_finetune,
-             "semisup": run_semisup}  # fmt: skip
+             "semisup": run_semisup, "detect": run_detect}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -74,23 +74,26 @@ def short_path(path: str | os.PathLike) -> str:
     return f"{p.parent.name}/{p.name}" if p.parent.name else str(p)
 
 
-def _row(record: dict[str, Any]) -> list[str]:
+def _row(record: dict[str, Any], keys: tuple[str, str]) -> list[str]:
     metrics = record["metrics"]
     init = record.get("config", {}).get("init", "trained")
     name = short_path(record["checkpoint"]) + (" (random init)" if init == "random" else "")
     return [
         name,
         record["protocol"],
-        f"{metrics.get('top1', float('nan')):.2f}",
-        f"{metrics.get('top5', float('nan')):.2f}",
+        f"{metrics.get(keys[0], float('nan')):.2f}",
+        f"{metrics.get(keys[1], float('nan')):.2f}",
         f"{record['seconds']:.1f}",
     ]
 
 
 def format_table(records: Sequence[dict[str, Any]]) -> str:
-    """An aligned markdown table: ``checkpoint | protocol | top1 | top5 | seconds``."""
-    header = ["checkpoint", "protocol", "top1", "top5", "seconds"]
-    rows = [header] + [_row(r) for r in records]
+    """An aligned markdown table: ``checkpoint | protocol | top1 | top5 | seconds`` (``map |
+    ap50`` instead when every record is a detection result)."""
+    detection = bool(records) and all("map" in r["metrics"] for r in records)
+    keys = ("map", "ap50") if detection else ("top1", "top5")
+    header = ["checkpoint", "protocol", *keys, "seconds"]
+    rows = [header] + [_row(r, keys) for r in records]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     numeric = (False, False, True, True, True)  # right-aligned columns
 
