@@ -20,14 +20,18 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from eval.features import check_labelled, extract_features, extract_raw_features
+from eval.features import (
+    cached_train_test_features,
+    check_labelled,
+    extract_features,
+    input_options,
+)
 from eval.knn import DEFAULT_K, DEFAULT_TEMPERATURE, knn_classify, protocol_name
 from eval.linear import (
     DEFAULT_LRS,
     OPTIMIZERS,
     FeatureCache,
     ProbeConfig,
-    cache_key,
     default_cache_dir,
     linear_probe,
     probe_config_dict,
@@ -192,23 +196,11 @@ def _is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def _input_options(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    """Keyword arguments of the feature extractors that come from the common options."""
-    return {
-        "image_size": args.image_size,
-        "batch_size": args.batch_size,
-        "num_workers": args.num_workers,
-        "device": device,
-        "mean": args.mean,
-        "std": args.std,
-    }
-
-
 def _knn_metrics(
     backbone: Backbone, args: argparse.Namespace, device: torch.device, init: str
 ) -> tuple[dict, dict]:
     """Features of train and test, then the weighted k-NN vote: ``(metrics, config extras)``."""
-    common = _input_options(args, device)
+    common = input_options(args, device)
     train_x, train_y = extract_features(backbone, args.train, max_samples=args.max_train, **common)
     test_x, test_y = extract_features(backbone, args.test, max_samples=args.max_test, **common)
     num_classes = int(max(train_y.max(), test_y.max())) + 1
@@ -222,17 +214,9 @@ def _linear_metrics(
 ) -> tuple[dict, dict]:
     """Cached (or extracted) raw features of train and test, then the linear probe grid."""
     cache = FeatureCache(None if args.no_cache else args.cache_dir)
-    sha = weights_sha256(args.backbone)
-    common = _input_options(args, device)
-
-    def features(split: str, data: str, limit: int | None):
-        key = cache_key(sha, data, split, args.image_size, args.mean, args.std, limit, init)
-        return cache.get(
-            key, lambda: extract_raw_features(backbone, data, max_samples=limit, **common)
-        )
-
-    train_x, train_y, _ = features("train", args.train, args.max_train)
-    test_x, test_y, _ = features("test", args.test, args.max_test)
+    (train_x, train_y, _), (test_x, test_y, _) = cached_train_test_features(
+        backbone, args, device, init, cache
+    )
     cfg = ProbeConfig(
         lrs=tuple(args.lrs),
         epochs=args.epochs,

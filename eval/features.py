@@ -7,11 +7,13 @@ back in global index order, so the features do not depend on the number of proce
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -175,3 +177,35 @@ def extract_features(
         backbone, data_path, image_size, batch_size, num_workers, max_samples, device, mean, std
     )
     return F.normalize(feats, dim=1), labels
+
+
+def input_options(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Keyword arguments of the feature extractors that come from the common CLI options."""
+    return {
+        "image_size": args.image_size,
+        "batch_size": args.batch_size,
+        "num_workers": args.num_workers,
+        "device": device,
+        "mean": args.mean,
+        "std": args.std,
+    }
+
+
+def cached_train_test_features(
+    backbone: Backbone, args: argparse.Namespace, device: torch.device, init: str, cache
+) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """Raw ``(features, labels, indices)`` of ``args.train`` and ``args.test``, each read from
+    ``cache`` (an ``eval.linear.FeatureCache``) or extracted once and stored there."""
+    from eval.linear import cache_key
+    from eval.load import weights_sha256
+
+    sha = weights_sha256(args.backbone)
+    common = input_options(args, device)
+
+    def features(split: str, data: str, limit: int | None) -> tuple[torch.Tensor, ...]:
+        key = cache_key(sha, data, split, args.image_size, args.mean, args.std, limit, init)
+        return cache.get(
+            key, lambda: extract_raw_features(backbone, data, max_samples=limit, **common)
+        )
+
+    return features("train", args.train, args.max_train), features("test", args.test, args.max_test)

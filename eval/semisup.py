@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from eval.features import extract_raw_features
+from eval.features import cached_train_test_features
 from eval.finetune import add_finetune_args, check_single_process, num_samples, run_finetune_eval
 from eval.finetune_data import dataset_labels
 from eval.linear import (
@@ -39,12 +39,11 @@ from eval.linear import (
     OPTIMIZERS,
     FeatureCache,
     ProbeConfig,
-    cache_key,
     default_cache_dir,
     linear_probe,
     probe_config_dict,
 )
-from eval.load import EvalInputError, weights_sha256
+from eval.load import EvalInputError
 from pretrain.backbones import Backbone
 
 log = logging.getLogger(__name__)
@@ -169,19 +168,9 @@ def _linear(
 ) -> tuple[dict, dict]:  # fmt: skip
     """Linear probe on the subset rows of the (cached) train-pool features."""
     cache = FeatureCache(None if args.no_cache else args.cache_dir)
-    sha = weights_sha256(args.backbone)
-    common = {"image_size": args.image_size, "batch_size": args.batch_size,
-              "num_workers": args.num_workers, "device": device, "mean": args.mean,
-              "std": args.std}  # fmt: skip
-
-    def features(split: str, data: str, limit: int | None):
-        key = cache_key(sha, data, split, args.image_size, args.mean, args.std, limit, init)
-        return cache.get(
-            key, lambda: extract_raw_features(backbone, data, max_samples=limit, **common)
-        )
-
-    train_x, train_y, train_i = features("train", args.train, args.max_train)
-    test_x, test_y, _ = features("test", args.test, args.max_test)
+    (train_x, train_y, train_i), (test_x, test_y, _) = cached_train_test_features(
+        backbone, args, device, init, cache
+    )
     rows = torch.isin(train_i, torch.tensor(indices, dtype=train_i.dtype, device=train_i.device))
     if int(rows.sum()) < 3:
         raise EvalInputError("a linear probe needs at least 3 subset samples")

@@ -172,7 +172,9 @@ def test_cli_second_run_hits_cache(export, cifar_train_shards, tmp_path, monkeyp
     def boom(*args, **kwargs):
         raise AssertionError("the backbone ran although the features are cached")
 
-    monkeypatch.setattr(cli, "extract_raw_features", boom)
+    import eval.features
+
+    monkeypatch.setattr(eval.features, "extract_raw_features", boom)
     assert cli.main(argv) == 0
     first, second = read_lines(results)
     assert first["metrics"] == second["metrics"]
