@@ -93,8 +93,17 @@ def _add_common_args(p: argparse.ArgumentParser) -> None:
         help="use only the first N train samples by global index (default: all)")
     add("--max-test", type=_number(int, 1), default=None, metavar="N",
         help="use only the first N test samples by global index (default: all)")
+    # fmt: on
+    add_input_output_args(p)
+
+
+def add_input_output_args(p: argparse.ArgumentParser) -> None:
+    """Normalisation, results file, random-init baseline, device: shared by every protocol."""
+    add = p.add_argument
+    # fmt: off
     add("--mean", type=float, nargs=3, default=None, metavar=("R", "G", "B"),
-        help="normalisation mean (default: the export's training mean, else ImageNet's)")
+        help="normalisation mean, 0-1 units (default: the export's training mean, else "
+        "ImageNet's)")
     add("--std", type=float, nargs=3, default=None, metavar=("R", "G", "B"),
         help="normalisation std (default: the export's training std, else ImageNet's)")
     add("--results", default="results.jsonl", metavar="PATH",

@@ -35,7 +35,7 @@ DESCRIPTION = (
 
 def add_detect_args(p: argparse.ArgumentParser) -> None:
     """Every option of ``detect`` (it does not share the classification data options)."""
-    from eval.__main__ import _number  # the CLI's argparse number types (no import cycle)
+    from eval.__main__ import _number, add_input_output_args  # the CLI's shared options
 
     add_backbone_args(p)
     add = p.add_argument
@@ -74,21 +74,12 @@ def add_detect_args(p: argparse.ArgumentParser) -> None:
         help="train on only the first N train images by id (default: all)")
     add("--max-val", dest="max_test", type=_number(int, 1), default=None, metavar="N",
         help="evaluate on only the first N val images by id (default: all)")
-    add("--mean", type=float, nargs=3, default=None, metavar=("R", "G", "B"),
-        help="normalisation mean, 0-1 units (default: the export's training mean, else ImageNet's)")
-    add("--std", type=float, nargs=3, default=None, metavar=("R", "G", "B"),
-        help="normalisation std (default: the export's training std, else ImageNet's)")
     add("--num-workers", type=_number(int, 0), default=2, metavar="N",
         help="data loading worker processes (default: 2)")
     add("--seed", type=int, default=0,
         help="seed of the head initialisation, batch order and flips (default: 0)")
-    add("--results", default="results.jsonl", metavar="PATH",
-        help="JSON-lines file each result is appended to (default: results.jsonl)")
-    add("--random-init-baseline", action="store_true",
-        help="also evaluate the same architecture at random initialisation (torch.manual_seed(0))")
-    add("--device", default="auto",
-        help="'auto' (CUDA when present, else CPU), 'cpu', 'cuda', 'cuda:1', ... (default: auto)")
     # fmt: on
+    add_input_output_args(p)
 
 
 def train_config(args: argparse.Namespace) -> DetectTrainConfig:
