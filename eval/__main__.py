@@ -26,7 +26,7 @@ from eval.features import (
     extract_features,
     input_options,
 )
-from eval.knn import DEFAULT_K, DEFAULT_TEMPERATURE, knn_classify, protocol_name
+from eval.knn import DEFAULT_SETTINGS, knn_classify, pair_settings, protocol_name
 from eval.linear import (
     DEFAULT_LRS,
     OPTIMIZERS,
@@ -122,23 +122,25 @@ def build_parser() -> argparse.ArgumentParser:
         description="Evaluate frozen backbones; each result is appended as one JSON line.",
     )
     sub = parser.add_subparsers(dest="protocol", required=True, metavar="PROTOCOL")
+    settings = ", ".join(f"{k}-NN T={t:g}" for k, t in DEFAULT_SETTINGS)
     knn = sub.add_parser(
         "knn",
         help="weighted k-NN on frozen features (Wu et al. 2018, DINO protocol)",
         description="Weighted k-NN: cosine similarity of each test feature to all train "
-        "features; the k nearest vote with weight exp(sim / T). Reports top-1 / top-5 in percent.",
+        "features; the k nearest vote with weight exp(sim / T). Reports top-1 / top-5 in percent, "
+        f"one record per (k, T) setting, all from one feature extraction (default: {settings}).",
     )
     _add_common_args(knn)
     knn.add_argument(
-        "--k", type=_number(int, 1), default=DEFAULT_K, help=f"neighbours (default: {DEFAULT_K})"
-    )
+        "--k", type=_number(int, 1), nargs="+", default=None, metavar="K",
+        help="neighbours, one value per setting; alone, each pairs with T=0.07 "
+        f"(default: both common settings, {settings})",
+    )  # fmt: skip
     knn.add_argument(
-        "--temperature",
-        type=_number(float, 0.0, strict=True),
-        default=DEFAULT_TEMPERATURE,
-        metavar="T",
-        help=f"vote temperature T in exp(sim / T) (default: {DEFAULT_TEMPERATURE})",
-    )
+        "--temperature", type=_number(float, 0.0, strict=True), nargs="+", default=None,
+        metavar="T", help="vote temperature T in exp(sim / T), paired element-wise with --k; "
+        "alone, each pairs with k=20",
+    )  # fmt: skip
     linear = sub.add_parser(
         "linear",
         help="linear probe on frozen features (MAE recipe), a learning-rate grid in one pass",
@@ -207,15 +209,28 @@ def _is_main() -> bool:
 
 def _knn_metrics(
     backbone: Backbone, args: argparse.Namespace, device: torch.device, init: str
-) -> tuple[dict, dict]:
-    """Features of train and test, then the weighted k-NN vote: ``(metrics, config extras)``."""
+) -> list[tuple[str, dict, dict]]:
+    """Features of train and test once, then the weighted k-NN vote per (k, T) setting:
+    ``[(protocol, metrics, config extras), ...]``."""
     common = input_options(args, device)
     train_x, train_y = extract_features(backbone, args.train, max_samples=args.max_train, **common)
     test_x, test_y = extract_features(backbone, args.test, max_samples=args.max_test, **common)
     num_classes = int(max(train_y.max(), test_y.max())) + 1
-    metrics = knn_classify(train_x, train_y, test_x, test_y, args.k, args.temperature, num_classes)
-    extras = {"k": args.k, "temperature": args.temperature}
-    return metrics, extras | {"num_train": train_x.shape[0], "num_test": test_x.shape[0]}
+    sizes = {"num_train": train_x.shape[0], "num_test": test_x.shape[0]}
+    results = []
+    for k, temperature in knn_settings(args):
+        metrics = knn_classify(train_x, train_y, test_x, test_y, k, temperature, num_classes)
+        extras = {"k": k, "temperature": temperature} | sizes
+        results.append((protocol_name(k, temperature), metrics, extras))
+    return results
+
+
+def knn_settings(args: argparse.Namespace) -> list[tuple[int, float]]:
+    """The (k, T) settings of ``eval knn``'s options (:func:`eval.knn.pair_settings`)."""
+    try:
+        return pair_settings(args.k, args.temperature)
+    except ValueError as exc:
+        raise EvalInputError(str(exc)) from None
 
 
 def _linear_metrics(
@@ -285,11 +300,13 @@ def _record(
 
 
 def _run(
-    args: argparse.Namespace, protocol: str, evaluate, check_data: bool = True
+    args: argparse.Namespace, evaluate, protocol: str | None = None, check_data: bool = True
 ) -> list[dict[str, Any]]:
-    """Evaluate the backbone (and, if asked, its random-init twin) with
-    ``evaluate(backbone, args, device, init) -> (metrics, config extras)``; rank 0 appends the
-    records; all are returned. ``check_data``: the train / test data are labelled image sets."""
+    """Evaluate the backbone (and, if asked, its random-init twin) with ``evaluate(backbone,
+    args, device, init)``, which returns ``(metrics, config extras)`` recorded as ``protocol``,
+    or, with ``protocol=None``, a list of ``(protocol, metrics, config extras)`` (one evaluation,
+    several records). Rank 0 appends the records; all are returned. ``check_data``: the train /
+    test data are labelled image sets."""
     for data in (args.train, args.test) if check_data else ():
         check_labelled(data)
     device = _device(args.device)
@@ -301,24 +318,27 @@ def _run(
     records = []
     for init, model in candidates:
         start = time.perf_counter()
-        metrics, extras = evaluate(model, args, device, init)
-        record = _record(args, protocol, metrics, extras, init, time.perf_counter() - start)
-        shown = " ".join(f"{k} {v:.2f}" for k, v in metrics.items() if isinstance(v, float))
-        log.info("%s (%s): %s", name, init, shown)
-        if _is_main():
-            append_result(args.results, record)
-        records.append(record)
+        results = evaluate(model, args, device, init)
+        seconds = time.perf_counter() - start
+        for proto, metrics, extras in results if protocol is None else [(protocol, *results)]:
+            record = _record(args, proto, metrics, extras, init, seconds)
+            shown = " ".join(f"{k} {v:.2f}" for k, v in metrics.items() if isinstance(v, float))
+            log.info("%s (%s) %s: %s", name, init, proto, shown)
+            if _is_main():
+                append_result(args.results, record)
+            records.append(record)
     return records
 
 
 def run_knn(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """``python -m eval knn``: weighted k-NN (see ``eval/knn.py``)."""
-    return _run(args, protocol_name(args.k, args.temperature), _knn_metrics)
+    """``python -m eval knn``: weighted k-NN, every (k, T) setting (see ``eval/knn.py``)."""
+    knn_settings(args)  # option errors before any work
+    return _run(args, _knn_metrics)
 
 
 def run_linear(args: argparse.Namespace) -> list[dict[str, Any]]:
     """``python -m eval linear``: linear probe with an lr grid (see ``eval/linear.py``)."""
-    return _run(args, "linear", _linear_metrics)
+    return _run(args, _linear_metrics, "linear")
 
 
 def fill_input_defaults(args: argparse.Namespace, spec: dict[str, Any]) -> None:
@@ -360,14 +380,14 @@ def run_finetune(args: argparse.Namespace) -> list[dict[str, Any]]:
     """``python -m eval finetune``: end-to-end fine-tuning (see ``eval/finetune.py``)."""
     from eval.finetune import finetune_metrics
 
-    return _run(args, "finetune", finetune_metrics)
+    return _run(args, finetune_metrics, "finetune")
 
 
 def run_semisup(args: argparse.Namespace) -> list[dict[str, Any]]:
     """``python -m eval semisup``: label-subset fine-tuning / probe (see ``eval/semisup.py``)."""
     from eval.semisup import semisup_metrics, semisup_protocol_name
 
-    return _run(args, semisup_protocol_name(args.fraction, args.mode), semisup_metrics)
+    return _run(args, semisup_metrics, semisup_protocol_name(args.fraction, args.mode))
 
 
 def _add_detect_parser(sub) -> None:
@@ -387,7 +407,7 @@ def run_detect(args: argparse.Namespace) -> list[dict[str, Any]]:
     from eval.detection.cli import detect_metrics
 
     args.image_size = args.min_size  # the record's input size (fill_input_defaults keeps it)
-    return _run(args, "detect", detect_metrics, check_data=False)
+    return _run(args, detect_metrics, "detect", check_data=False)
 
 
 PROTOCOLS = {"knn": run_knn, "linear": run_linear, "finetune": run_finetune,

@@ -23,13 +23,15 @@ error (exit status 2).
 
 **Protocol options.** Every option after the batch's own is passed to each protocol that knows
 it (``--epochs`` only to ``linear``, ``--k`` only to ``knn``); an option no chosen protocol knows
-is an error. Each pair runs in-process as ``python -m eval PROTOCOL --backbone CKPT --results
+is an error. ``--PROTOCOL.OPTION`` goes to that protocol alone, as ``--OPTION``: detection's
+COCO data beside the classification data, e.g. ``--protocols knn,detect --train CIFAR/train
+--test CIFAR/test --detect.train raccoon/train.json --detect.test raccoon/val.json``. Each pair runs in-process as ``python -m eval PROTOCOL --backbone CKPT --results
 RESULTS [--arch NAME] OPTIONS`` would (:func:`eval.__main__.main`), so options mean the same.
 
 **Resuming.** A pair is skipped when the results file already holds a record (``init``
 "trained") with the checkpoint's weights sha256, the protocol's record name (``knn-k20-t0.07``
-for ``knn``) and the test dataset's name: a killed batch, run again, evaluates only what is
-missing. Other settings (``--max-train``, probe hyper-parameters) are not compared: use another
+and ``knn-k200-t0.1`` for ``knn``: every record it writes) and the test dataset's name: a killed
+batch, run again, evaluates only what is missing. Other settings (``--max-train``, probe hyper-parameters) are not compared: use another
 results file for another setting.
 
 **Table.** At the end (also when everything was skipped) the records of the results file that
@@ -55,9 +57,10 @@ from pathlib import Path
 from typing import Any
 
 from eval.errors import EvalInputError
+from eval.knn import pair_settings
 from eval.knn import protocol_name as knn_protocol_name
 from eval.load import checkpoint_path, resolve_source, weights_sha256
-from eval.results import dataset_name, read_results, short_path
+from eval.results import dataset_name, markdown_table, read_results, record_label
 
 log = logging.getLogger("eval.batch")
 
@@ -72,15 +75,16 @@ class Pair:
 
     checkpoint: str
     protocol: str  # the subcommand: knn, linear, ...
-    record_protocol: str  # the "protocol" of its record: knn-k20-t0.07, linear, ...
+    record_protocols: tuple[str, ...]  # its records' "protocol": knn-k20-t0.07, linear, ...
     sha256: str
     dataset: str
     argv: list[str]
     done: bool
 
     @property
-    def key(self) -> tuple[str, str, str]:
-        return (self.sha256, self.record_protocol, self.dataset)
+    def keys(self) -> list[tuple[str, str, str]]:
+        """``(sha256, protocol, dataset)`` of each record the pair writes."""
+        return [(self.sha256, name, self.dataset) for name in self.record_protocols]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -185,8 +189,9 @@ def _option_groups(extra: Sequence[str]) -> list[tuple[str, list[str]]]:
 
 
 def protocol_argvs(protocols: Sequence[str], extra: Sequence[str]) -> dict[str, list[str]]:
-    """Per protocol, the options of ``extra`` its subcommand knows; :class:`EvalInputError` for
-    an unknown protocol, ``--backbone``, or an option none of ``protocols`` knows."""
+    """Per protocol, the options of ``extra`` its subcommand knows (``--PROTOCOL.OPTION`` only
+    for that protocol, as ``--OPTION``); :class:`EvalInputError` for an unknown protocol,
+    ``--backbone``, or an option none of its protocols knows."""
     parsers = _protocol_parsers()
     unknown = [p for p in protocols if p not in parsers]
     if unknown or not protocols:
@@ -194,17 +199,37 @@ def protocol_argvs(protocols: Sequence[str], extra: Sequence[str]) -> dict[str, 
             f"--protocols: unknown {', '.join(unknown) or '(none given)'}; "
             f"choose from {', '.join(parsers)}"
         )
-    groups = _option_groups(extra)
+    scoped, shared = _split_scoped(_option_groups(extra), protocols)
     argvs: dict[str, list[str]] = {p: [] for p in protocols}
-    for option, tokens in groups:
+    for scope, option, tokens in scoped + shared:
         if option == "--backbone":
             raise EvalInputError("eval batch takes --checkpoints, not --backbone")
-        takers = [p for p in protocols if option in parsers[p]._option_string_actions]
+        chosen = [scope] if scope else protocols
+        takers = [p for p in chosen if option in parsers[p]._option_string_actions]
         if not takers:
-            raise EvalInputError(f"{option}: not an option of {', '.join(protocols)}")
+            raise EvalInputError(f"{option}: not an option of {', '.join(chosen)}")
         for p in takers:
-            argvs[p] += tokens
+            if scope or (p, option) not in {(s, o) for s, o, _ in scoped}:  # scoped ones win
+                argvs[p] += tokens
     return argvs
+
+
+def _split_scoped(
+    groups: list[tuple[str, list[str]]], protocols: Sequence[str]
+) -> tuple[list[tuple[str, str, list[str]]], list[tuple[str, str, list[str]]]]:
+    """``(scope, option, tokens)`` of the ``--PROTOCOL.OPTION`` groups, rewritten as
+    ``--OPTION``, and of the others (scope ``""``)."""
+    scoped, shared = [], []
+    for option, tokens in groups:
+        scope, dot, bare = option[2:].partition(".")
+        if not dot:
+            shared.append(("", option, tokens))
+            continue
+        if scope not in protocols:
+            raise EvalInputError(f"{option}: {scope} is not in --protocols")
+        rest = tokens[0][len(option) :]  # "" or "=VALUE"
+        scoped.append((scope, f"--{bare}", [f"--{bare}{rest}", *tokens[1:]]))
+    return scoped, shared
 
 
 def _parse(protocol: str, argv: list[str]) -> argparse.Namespace:
@@ -222,15 +247,20 @@ def _parse(protocol: str, argv: list[str]) -> argparse.Namespace:
     return ns
 
 
-def record_protocol(protocol: str, ns: argparse.Namespace) -> str:
-    """The ``protocol`` field the subcommand writes (``knn`` -> ``knn-k20-t0.07``)."""
+def record_protocols(protocol: str, ns: argparse.Namespace) -> tuple[str, ...]:
+    """The ``protocol`` fields of the records the subcommand writes (``knn`` -> ``knn-k20-t0.07``,
+    ``knn-k200-t0.1``)."""
     if protocol == "knn":
-        return knn_protocol_name(ns.k, ns.temperature)
+        try:
+            settings = pair_settings(ns.k, ns.temperature)
+        except ValueError as exc:
+            raise EvalInputError(f"eval knn: {exc}") from None
+        return tuple(knn_protocol_name(k, t) for k, t in settings)
     if protocol == "semisup":
         from eval.semisup import semisup_protocol_name
 
-        return semisup_protocol_name(ns.fraction, ns.mode)
-    return protocol
+        return (semisup_protocol_name(ns.fraction, ns.mode),)
+    return (protocol,)
 
 
 # --- planning --------------------------------------------------------------------------------
@@ -260,9 +290,9 @@ def plan(args: argparse.Namespace, extra: Sequence[str]) -> list[Pair]:
         for protocol in protocols:
             argv = [protocol, "--backbone", ckpt, *shared, *options[protocol]]
             ns = _parse(protocol, argv[1:])  # all option errors before any work
-            name, dataset = record_protocol(protocol, ns), dataset_name(ns.test)
-            done_now = (sha, name, dataset) in done
-            pairs.append(Pair(ckpt, protocol, name, sha, dataset, argv, done_now))
+            names, dataset = record_protocols(protocol, ns), dataset_name(ns.test)
+            done_now = all((sha, name, dataset) in done for name in names)
+            pairs.append(Pair(ckpt, protocol, names, sha, dataset, argv, done_now))
     return pairs
 
 
@@ -280,13 +310,15 @@ def missing_commands(argv: Sequence[str]) -> list[list[str]]:
 
 # --- tables ----------------------------------------------------------------------------------
 
-COLUMNS = ("checkpoint", "protocol", "dataset", "top1", "top5", "val_top1", "seconds")
+COLUMNS = ("checkpoint", "protocol", "dataset", "top1", "top5", "val_top1", "AP", "AP50",
+           "seconds")  # fmt: skip
+METRIC_COLUMNS = ("top1", "top5", "val_top1", "AP", "AP50")
 
 
 def batch_records(results: str | Path, pairs: Sequence[Pair]) -> list[dict[str, Any]]:
     """The records of ``results`` that belong to ``pairs``: the newest per (sha256, protocol,
     dataset, init), in the order of the pairs (trained before random init)."""
-    order = {p.key: i for i, p in enumerate(pairs)}
+    order = {key: i for i, key in enumerate(k for p in pairs for k in p.keys)}
     newest: dict[tuple, dict[str, Any]] = {}
     if Path(results).is_file():
         for r in read_results(results):
@@ -297,49 +329,27 @@ def batch_records(results: str | Path, pairs: Sequence[Pair]) -> list[dict[str, 
 
 
 def table_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
-    """One row of strings per record (``val_top1`` empty where the protocol has none)."""
+    """One row of strings per record (a metric column empty where the protocol has none)."""
     rows = []
     for r in records:
         m = r["metrics"]
-        random = r.get("config", {}).get("init") == "random"
-
-        def pct(name: str, m: dict = m) -> str:
-            return f"{m[name]:.2f}" if name in m else ""
-
-        rows.append(
-            {
-                "checkpoint": short_path(r["checkpoint"]) + (" (random init)" if random else ""),
-                "protocol": r["protocol"],
-                "dataset": r["dataset"],
-                "top1": pct("top1"),
-                "top5": pct("top5"),
-                "val_top1": pct("val_top1"),
-                "seconds": f"{r['seconds']:.1f}",
-            }
-        )
+        metrics = {c: f"{m[c]:.2f}" if c in m else "" for c in METRIC_COLUMNS}
+        names = {"checkpoint": record_label(r), "protocol": r["protocol"], "dataset": r["dataset"]}
+        rows.append(names | metrics | {"seconds": f"{r['seconds']:.1f}"})
     return rows
 
 
-def markdown_table(records: Sequence[dict[str, Any]]) -> str:
-    """An aligned markdown table of :data:`COLUMNS` (numbers right-aligned)."""
-    rows = [dict(zip(COLUMNS, COLUMNS, strict=True))] + table_rows(records)
-    widths = {c: max(len(row[c]) for row in rows) for c in COLUMNS}
-    numeric = {c: c not in ("checkpoint", "protocol", "dataset") for c in COLUMNS}
-
-    def fmt(row: dict[str, str]) -> str:
-        cells = (
-            row[c].rjust(widths[c]) if numeric[c] else row[c].ljust(widths[c]) for c in COLUMNS
-        )
-        return "| " + " | ".join(cells) + " |"
-
-    rule = "|".join("-" * (widths[c] + 1) + (":" if numeric[c] else "-") for c in COLUMNS)
-    return "\n".join([fmt(rows[0]), f"|{rule}|", *(fmt(r) for r in rows[1:])])
+def batch_table(records: Sequence[dict[str, Any]]) -> str:
+    """The markdown table of :data:`COLUMNS`, metric columns no record has left out."""
+    rows = table_rows(records)
+    columns = [c for c in COLUMNS if c not in METRIC_COLUMNS or any(row[c] for row in rows)]
+    return markdown_table(columns, [[row[c] for c in columns] for row in rows], text_columns=3)
 
 
 def write_tables(records: Sequence[dict[str, Any]], md: Path, csv_path: Path) -> str:
     """Write the markdown table and the CSV (full checkpoint path and sha256 added); return the
     markdown."""
-    text = markdown_table(records)
+    text = batch_table(records)
     md.parent.mkdir(parents=True, exist_ok=True)
     md.write_text(text + "\n")
     csv_path.parent.mkdir(parents=True, exist_ok=True)
@@ -382,7 +392,7 @@ def run(args: argparse.Namespace, extra: Sequence[str]) -> int:
     for i, p in enumerate(pairs, 1):
         if p.done:
             log.info("[%d/%d] skip %s %s: already in %s", i, len(pairs), p.checkpoint,
-                     p.record_protocol, args.results)  # fmt: skip
+                     ",".join(p.record_protocols), args.results)  # fmt: skip
             continue
         log.info("[%d/%d] %s %s", i, len(pairs), p.checkpoint, p.protocol)
         if run_pair(p.argv) != 0:

@@ -9,7 +9,9 @@ feature ``q`` and L2-normalised train features ``x_i`` with labels ``y_i``,
     score(c)  = sum_{i in N_k(q), y_i = c} exp(s_i / T)
     pred(q)   = argsort_c score(c), descending
 
-Defaults ``k = 20``, ``T = 0.07``. Top-1 / top-5 accuracies are reported in percent.
+Two settings are common: 20-NN with ``T = 0.07`` (Wu et al., DINO) and 200-NN with ``T = 0.1``
+(Wu et al.'s and solo-learn's other setting); ``python -m eval knn`` runs both on one feature
+extraction by default. Top-1 / top-5 accuracies are reported in percent.
 """
 
 from __future__ import annotations
@@ -18,11 +20,37 @@ import torch
 
 DEFAULT_K = 20
 DEFAULT_TEMPERATURE = 0.07
+DEFAULT_SETTINGS: tuple[tuple[int, float], ...] = ((20, 0.07), (200, 0.1))  # (k, T) per protocol
 
 
 def protocol_name(k: int, temperature: float) -> str:
     """The protocol tag of a results record, e.g. ``knn-k20-t0.07``."""
     return f"knn-k{k}-t{temperature:g}"
+
+
+def pair_settings(
+    ks: list[int] | None, temperatures: list[float] | None
+) -> list[tuple[int, float]]:
+    """``--k`` / ``--temperature`` lists -> ``[(k, T), ...]``, each setting once.
+
+    Neither given: :data:`DEFAULT_SETTINGS` (both common protocols). One given: the other takes
+    its single default (``--k 5`` -> ``[(5, 0.07)]``). Both: paired element-wise, a single value
+    pairing with every value of the other list; other length mismatches are a ValueError.
+    """
+    if ks is None and temperatures is None:
+        return list(DEFAULT_SETTINGS)
+    ks = ks or [DEFAULT_K]
+    temperatures = temperatures or [DEFAULT_TEMPERATURE]
+    if len(ks) == 1:
+        ks = ks * len(temperatures)
+    if len(temperatures) == 1:
+        temperatures = temperatures * len(ks)
+    if len(ks) != len(temperatures):
+        raise ValueError(
+            f"--k ({len(ks)} values) and --temperature ({len(temperatures)} values) must have "
+            "the same number of values, or one of them a single value"
+        )
+    return list(dict.fromkeys(zip(ks, temperatures, strict=True)))
 
 
 def class_scores(

@@ -74,28 +74,18 @@ def short_path(path: str | os.PathLike) -> str:
     return f"{p.parent.name}/{p.name}" if p.parent.name else str(p)
 
 
-def _row(record: dict[str, Any], keys: tuple[str, str]) -> list[str]:
-    metrics = record["metrics"]
-    init = record.get("config", {}).get("init", "trained")
-    name = short_path(record["checkpoint"]) + (" (random init)" if init == "random" else "")
-    return [
-        name,
-        record["protocol"],
-        f"{metrics.get(keys[0], float('nan')):.2f}",
-        f"{metrics.get(keys[1], float('nan')):.2f}",
-        f"{record['seconds']:.1f}",
-    ]
+def record_label(record: dict[str, Any]) -> str:
+    """The table name of a record's checkpoint, ``" (random init)"`` added for the baseline."""
+    random = record.get("config", {}).get("init") == "random"
+    return short_path(record["checkpoint"]) + (" (random init)" if random else "")
 
 
-def format_table(records: Sequence[dict[str, Any]]) -> str:
-    """An aligned markdown table: ``checkpoint | protocol | top1 | top5 | seconds`` (``map |
-    ap50`` instead when every record is a detection result)."""
-    detection = bool(records) and all("map" in r["metrics"] for r in records)
-    keys = ("map", "ap50") if detection else ("top1", "top5")
-    header = ["checkpoint", "protocol", *keys, "seconds"]
-    rows = [header] + [_row(r, keys) for r in records]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    numeric = (False, False, True, True, True)  # right-aligned columns
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], text_columns: int) -> str:
+    """An aligned markdown table; the first ``text_columns`` columns left-aligned, the others
+    (numbers) right-aligned."""
+    table = [list(header), *map(list, rows)]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    numeric = [i >= text_columns for i in range(len(header))]
 
     def fmt(row: list[str]) -> str:
         cells = zip(row, widths, numeric, strict=True)
@@ -104,4 +94,21 @@ def format_table(records: Sequence[dict[str, Any]]) -> str:
     rule = "|".join(
         "-" * (w + 1) + (":" if r else "-") for w, r in zip(widths, numeric, strict=True)
     )
-    return "\n".join([fmt(header), f"|{rule}|"] + [fmt(r) for r in rows[1:]])
+    return "\n".join([fmt(table[0]), f"|{rule}|"] + [fmt(r) for r in table[1:]])
+
+
+def format_table(records: Sequence[dict[str, Any]]) -> str:
+    """``checkpoint | protocol | top1 | top5 | seconds`` (``AP | AP50`` instead when every
+    record is a detection result)."""
+    detection = bool(records) and all("AP" in r["metrics"] for r in records)
+    keys = ("AP", "AP50") if detection else ("top1", "top5")
+    rows = [
+        [
+            record_label(r),
+            r["protocol"],
+            *(f"{r['metrics'].get(k, float('nan')):.2f}" for k in keys),
+            f"{r['seconds']:.1f}",
+        ]
+        for r in records
+    ]
+    return markdown_table(["checkpoint", "protocol", *keys, "seconds"], rows, text_columns=2)

@@ -32,7 +32,7 @@ rm -rf "$WORK/run"
   "data.aug.scale=[0.2,1.0]" data.num_workers=1 checkpoint.every=50 log.every=10
 pretrain_done=$(date +%s)
 
-echo "== k-NN (k=20, T=0.07) on $KNN_TEST test images, $KNN_TRAIN train images as the memory bank"
+echo "== k-NN (20-NN T=0.07 and 200-NN T=0.1) on $KNN_TEST test images, $KNN_TRAIN train images as the memory bank"
 rm -f "$WORK/results.jsonl"
 "$PY" -m eval knn --backbone "$WORK/run/export" \
   --train "$WORK/shards/train" --test "$WORK/shards/test" \

@@ -13,7 +13,7 @@ import torch
 
 import eval.batch as batch
 from eval.__main__ import main as eval_main
-from eval.results import read_results
+from eval.results import dataset_name, read_results
 from pretrain.backbones import BackboneConfig, build_backbone
 from pretrain.export import export_backbone
 
@@ -85,11 +85,12 @@ def test_each_pair_once_resumes_and_writes_tables(
     expected = [(str(e.resolve()), p) for e in exports for p in ("knn-k5-t0.07", "linear")]
     assert sorted(pairs_of(results)) == sorted(expected)  # each pair exactly once
 
-    # tables: one row per pair, val_top1 only for linear
+    # tables: one row per record, val_top1 only for linear
     printed = capsys.readouterr().out
     md = results.with_suffix(".md").read_text()
     assert md.strip() in printed
-    assert [c.strip() for c in md.splitlines()[0].split("|")[1:-1]] == list(batch.COLUMNS)
+    header = [c.strip() for c in md.splitlines()[0].split("|")[1:-1]]
+    assert header == [c for c in batch.COLUMNS if c not in ("AP", "AP50")]  # no detection here
     assert len(md.splitlines()) == 2 + 4
     with open(results.with_suffix(".csv"), newline="") as f:
         rows = list(csv.DictReader(f))
@@ -154,7 +155,7 @@ def test_submit_dry_run_one_command_per_missing_pair(
     argv = batch_argv([str(e) for e in exports], results, cifar_train_shards, tmp_path / "c")
     # pretend the first checkpoint's knn is done: copy a real record with its sha256
     from eval.load import weights_sha256
-    from eval.results import append_result, dataset_name
+    from eval.results import append_result
 
     record = {
         "checkpoint": str(exports[0].resolve()),
@@ -181,3 +182,53 @@ def test_submit_dry_run_one_command_per_missing_pair(
         f"linear {exports[1]}",
     ]
     assert "#SBATCH --array=0-2" in proc.stdout  # 3 tasks
+
+
+RACCOON = Path(__file__).resolve().parents[2] / "shared" / "data" / "detection" / "raccoon"
+
+
+@pytest.mark.skipif(not RACCOON.is_dir(), reason=f"raccoon set not at {RACCOON}")
+def test_knn_both_settings_and_detect_in_one_batch(
+    exports: list[Path], cifar_train_shards: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """Default k-NN writes two records (one pair); detection takes its COCO data through
+    ``--detect.OPTION`` beside the classification data; a pair missing one k-NN record reruns."""
+    results = tmp_path / "r.jsonl"
+    argv = [
+        "batch", "--checkpoints", str(exports[0]), "--protocols", "knn,detect",
+        "--results", str(results), "--device", "cpu", "--num-workers", "0",
+        "--train", str(cifar_train_shards), "--test", str(cifar_train_shards),
+        "--max-train", "40", "--max-test", "20", "--batch-size", "20",
+        "--detect.train", str(RACCOON / "instances_train.json"),
+        "--detect.test", str(RACCOON / "instances_val.json"), "--detect.max-train", "4",
+        "--max-val", "2", "--iters", "2", "--warmup-iters", "1", "--detect.batch-size", "2",
+        "--min-size", "96", "--max-size", "128",
+    ]  # fmt: skip
+    pairs = batch.plan(*batch.parse_args(argv[1:]))
+    assert [(p.protocol, p.record_protocols, p.dataset) for p in pairs] == [
+        ("knn", ("knn-k20-t0.07", "knn-k200-t0.1"), dataset_name(cifar_train_shards)),
+        ("detect", ("detect",), "raccoon/instances_val.json"),
+    ]
+    knn_argv, detect_argv = (p.argv for p in pairs)
+    assert detect_argv[detect_argv.index("--train") + 1].endswith("instances_train.json")
+    assert "--train" not in detect_argv[detect_argv.index("--train") + 1 :]  # scoped one wins
+    assert "--iters" not in knn_argv and knn_argv[knn_argv.index("--batch-size") + 1] == "20"
+    assert detect_argv[detect_argv.index("--max-train") + 1] == "4"
+
+    assert eval_main(argv) == 0
+    records = read_results(results)
+    assert [r["protocol"] for r in records] == ["knn-k20-t0.07", "knn-k200-t0.1", "detect"]
+    assert set(records[2]["metrics"]) == {"AP", "AP50", "AP75"}
+    md = results.with_suffix(".md").read_text().splitlines()
+    assert [c.strip() for c in md[0].split("|")[1:-1]] == [
+        c for c in batch.COLUMNS if c != "val_top1"
+    ]
+    assert len(md) == 2 + 3
+
+    # a results file that lacks the 200-NN record: the knn pair is not done, detect is
+    kept = [line for line in results.read_text().splitlines() if "knn-k200" not in line]
+    results.write_text("\n".join(kept) + "\n")
+    calls: list[list[str]] = []
+    monkeypatch.setattr(batch, "run_pair", lambda a: calls.append(a) or 0)
+    assert eval_main(argv) == 0
+    assert [c[0] for c in calls] == ["knn"]

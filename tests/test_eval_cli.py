@@ -75,18 +75,18 @@ def read_lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def check_record(record: dict, tiny: dict[str, Path], init: str) -> None:
+def check_record(record: dict, tiny: dict[str, Path], init: str, k: int, t: float) -> None:
     assert set(record) == RECORD_KEYS
     assert record["checkpoint"] == str(tiny["export"].resolve())
     assert len(record["sha256"]) == 64 and int(record["sha256"], 16) >= 0
-    assert record["protocol"] == "knn-k20-t0.07"
+    assert record["protocol"] == f"knn-k{k}-t{t:g}"
     assert record["dataset"] == "cifar10/test"
     assert set(record["metrics"]) == {"top1", "top5"}
     assert all(0.0 <= v <= 100.0 for v in record["metrics"].values())
     assert record["metrics"]["top1"] <= record["metrics"]["top5"]
     assert set(record["config"]) >= CONFIG_KEYS
     assert record["config"]["init"] == init
-    assert record["config"]["k"] == 20 and record["config"]["temperature"] == 0.07
+    assert record["config"]["k"] == k and record["config"]["temperature"] == t
     assert record["seconds"] > 0
     assert set(record["versions"]) == {"torch", "torchvision", "timm", "python"}
 
@@ -97,11 +97,32 @@ def test_cli_knn_with_random_init_baseline(tiny, tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     records = read_lines(results)
-    assert len(records) == 2
-    check_record(records[0], tiny, "trained")
-    check_record(records[1], tiny, "random")
+    assert len(records) == 4  # both common settings, trained then random init
+    for record, init, (k, t) in zip(
+        records, ["trained"] * 2 + ["random"] * 2, [(20, 0.07), (200, 0.1)] * 2, strict=True
+    ):
+        check_record(record, tiny, init, k, t)
     assert records[0]["config"]["num_train"] == 100 and records[0]["config"]["num_test"] == 50
+    assert records[0]["metrics"] != records[2]["metrics"]
     assert "| checkpoint" in proc.stdout and "run/export (random init)" in proc.stdout
+    assert "knn-k200-t0.1" in proc.stdout
+
+
+def test_cli_knn_settings_from_one_extraction_equal_separate_runs(tiny, tmp_path):
+    both, alone = tmp_path / "both.jsonl", tmp_path / "alone.jsonl"
+    limits = ("--max-train", "60", "--max-test", "30")
+    assert main(knn_args(tiny, both, *limits, "--k", "3", "50", "--temperature", "0.05")) == 0
+    assert main(knn_args(tiny, alone, *limits, "--k", "50", "--temperature", "0.05")) == 0
+    records = read_lines(both)
+    assert [r["protocol"] for r in records] == ["knn-k3-t0.05", "knn-k50-t0.05"]
+    assert records[1]["metrics"] == read_lines(alone)[0]["metrics"]
+
+
+def test_cli_knn_mismatched_settings_exit_2(tiny, tmp_path, capsys):
+    argv = knn_args(tiny, tmp_path / "r.jsonl", "--k", "1", "2", "3", "--temperature", "0.1", "1")
+    assert main(argv) == 2
+    assert "--k (3 values) and --temperature (2 values)" in capsys.readouterr().err
+    assert not (tmp_path / "r.jsonl").exists()
 
 
 def test_cli_knn_in_process_appends_one_line(tiny, tmp_path, capsys):

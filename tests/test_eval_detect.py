@@ -98,7 +98,7 @@ def _detect(backbone: Path, results: Path, *extra: str) -> list[dict]:
 
 def _check(record: dict, frozen: bool) -> None:
     assert record["protocol"] == "detect" and record["dataset"].endswith("instances_val.json")
-    assert set(record["metrics"]) == {"map", "ap50", "ap75"}
+    assert set(record["metrics"]) == {"AP", "AP50", "AP75"}
     assert all(0.0 <= v <= 100.0 for v in record["metrics"].values())
     config = record["config"]
     assert math.isfinite(config["first_loss"]) and math.isfinite(config["last_loss"])

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eval.knn import class_scores, knn_classify, knn_predict, protocol_name
+from eval.knn import class_scores, knn_classify, knn_predict, pair_settings, protocol_name
 
 
 def loop_ranking(train_x, train_y, q, k, temperature):
@@ -139,3 +139,22 @@ def test_num_classes_inferred_or_given(num_classes):
     ranked = knn_predict(train_x, train_y, unit([1, 0.1]), k=2, num_classes=num_classes)
     assert ranked.shape == (1, 5)
     assert ranked[0, :2].tolist() == [3, 5]
+
+
+@pytest.mark.parametrize(
+    ("ks", "temperatures", "expected"),
+    [
+        (None, None, [(20, 0.07), (200, 0.1)]),
+        ([5], None, [(5, 0.07)]),
+        (None, [0.2, 0.5], [(20, 0.2), (20, 0.5)]),
+        ([10, 20], [0.1], [(10, 0.1), (20, 0.1)]),
+        ([10, 20, 10], [0.1, 0.2, 0.1], [(10, 0.1), (20, 0.2)]),
+    ],
+)
+def test_pair_settings(ks, temperatures, expected):
+    assert pair_settings(ks, temperatures) == expected
+
+
+def test_pair_settings_rejects_mismatched_lengths():
+    with pytest.raises(ValueError, match="same number of values"):
+        pair_settings([1, 2, 3], [0.1, 0.2])

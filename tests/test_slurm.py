@@ -186,6 +186,7 @@ def test_eval_array_gives_one_result_per_checkpoint(
         str(REPO / "slurm" / "eval.sbatch"), str(listing),
         "knn", "--train", str(cifar_train_shards), "--test", str(cifar_train_shards),
         "--max-train", "160", "--max-test", "80", "--num-workers", "0", "--device", "cpu",
+        "--k", "20",
         "--results", str(results),
         cwd=REPO, env=job_env(),
     )  # fmt: skip
@@ -209,6 +210,7 @@ def test_submitit_eval_array_waits_for_every_task(
         "--each", str(listing), "--wait",
         "--", "eval", "knn", "--train", str(cifar_train_shards), "--test", str(cifar_train_shards),
         "--max-train", "160", "--max-test", "80", "--num-workers", "0", "--device", "cpu",
+        "--k", "20",
         "--results", str(results),
         cwd=tmp_path,
     )  # fmt: skip

@@ -27,8 +27,8 @@ DESCRIPTION = (
     "(FrozenBatchNorm) or a ViTDet simple feature pyramid over a ViT's last-layer tokens "
     "(strides 4/8/16/32 + a stride-64 max-pool level), trained for --iters iterations (SGD or "
     "AdamW, linear warmup then cosine) on a COCO-format train set with random horizontal flips, "
-    "then evaluated with pycocotools COCOeval (bbox) on the val set: map (AP@[.5:.95]), ap50, "
-    "ap75 in percent. The backbone is fine-tuned, or frozen with --freeze-backbone (the "
+    "then evaluated with pycocotools COCOeval (bbox) on the val set: AP (AP@[.5:.95]), AP50, "
+    "AP75 in percent. The backbone is fine-tuned, or frozen with --freeze-backbone (the "
     "FPN / pyramid and the detection heads are always trained). One process."
 )
 

@@ -7,8 +7,8 @@
 * Schedule, per iteration: linear warmup over ``warmup_iters`` then half a cosine to 0
   (``eval.linear.lr_factor``). Batches are drawn from reshuffled passes over the train images
   (seeded), with random horizontal flips.
-* Evaluation: ``pycocotools`` ``COCOeval`` (bbox) on the val images; ``map`` = AP@[.5:.95],
-  ``ap50``, ``ap75`` in percent (0 when nothing is detected).
+* Evaluation: ``pycocotools`` ``COCOeval`` (bbox) on the val images; ``AP`` = AP@[.5:.95],
+  ``AP50``, ``AP75`` in percent (0 when nothing is detected).
 * fp32 throughout (CPU and CUDA); one process.
 """
 
@@ -137,14 +137,14 @@ def predict(
 
 
 def coco_bbox_metrics(data: CocoDetection, detections: list[dict[str, Any]]) -> dict[str, float]:
-    """``COCOeval`` (bbox) of ``detections`` against ``data``'s images: ``map`` (AP@[.5:.95]),
-    ``ap50``, ``ap75`` in percent. pycocotools' printing goes to the debug log."""
+    """``COCOeval`` (bbox) of ``detections`` against ``data``'s images: ``AP`` (AP@[.5:.95]),
+    ``AP50``, ``AP75`` in percent. pycocotools' printing goes to the debug log."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
     if not detections:
         log.warning("no detections on %d val images: AP 0", len(data))
-        return {"map": 0.0, "ap50": 0.0, "ap75": 0.0}
+        return {"AP": 0.0, "AP50": 0.0, "AP75": 0.0}
     text = io.StringIO()
     with contextlib.redirect_stdout(text):
         gt = COCO(str(data.annotations))
@@ -155,4 +155,4 @@ def coco_bbox_metrics(data: CocoDetection, detections: list[dict[str, Any]]) -> 
         evaluator.summarize()
     log.debug("COCOeval:\n%s", text.getvalue())
     ap, ap50, ap75 = (max(float(s), 0.0) * 100 for s in evaluator.stats[:3])  # -1: no gt boxes
-    return {"map": ap, "ap50": ap50, "ap75": ap75}
+    return {"AP": ap, "AP50": ap50, "AP75": ap75}
