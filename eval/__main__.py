@@ -19,20 +19,20 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from eval.features import (
     cached_train_test_features,
     check_labelled,
-    extract_features,
-    input_options,
 )
 from eval.knn import DEFAULT_SETTINGS, knn_classify, pair_settings, protocol_name
 from eval.linear import (
     DEFAULT_LRS,
     OPTIMIZERS,
-    FeatureCache,
     ProbeConfig,
-    default_cache_dir,
+    add_cache_args,
+    cache_of,
+    cache_report,
     linear_probe,
     probe_config_dict,
 )
@@ -131,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"one record per (k, T) setting, all from one feature extraction (default: {settings}).",
     )
     _add_common_args(knn)
+    add_cache_args(knn)
     knn.add_argument(
         "--k", type=_number(int, 1), nargs="+", default=None, metavar="K",
         help="neighbours, one value per setting; alone, each pairs with T=0.07 "
@@ -189,12 +190,8 @@ def _add_linear_args(p: argparse.ArgumentParser) -> None:
         "learning rate (default: 0.1)")
     add("--seed", type=int, default=0,
         help="seed of the validation split, head initialisation and batch order (default: 0)")
-    add("--cache-dir", default=str(default_cache_dir()), metavar="DIR",
-        help="feature cache directory, one <key>.pt per (weights, data, input settings, split); "
-        "delete it to recompute (default: $XDG_CACHE_HOME/sslpipe/features, i.e. "
-        "~/.cache/sslpipe/features)")
-    add("--no-cache", action="store_true", help="neither read nor write the feature cache")
     # fmt: on
+    add_cache_args(p)
 
 
 def _device(name: str) -> torch.device:
@@ -212,11 +209,14 @@ def _knn_metrics(
 ) -> list[tuple[str, dict, dict]]:
     """Features of train and test once, then the weighted k-NN vote per (k, T) setting:
     ``[(protocol, metrics, config extras), ...]``."""
-    common = input_options(args, device)
-    train_x, train_y = extract_features(backbone, args.train, max_samples=args.max_train, **common)
-    test_x, test_y = extract_features(backbone, args.test, max_samples=args.max_test, **common)
+    cache = cache_of(args)
+    (train_x, train_y, _), (test_x, test_y, _) = cached_train_test_features(
+        backbone, args, device, init, cache
+    )
+    train_x, test_x = F.normalize(train_x, dim=1), F.normalize(test_x, dim=1)
     num_classes = int(max(train_y.max(), test_y.max())) + 1
     sizes = {"num_train": train_x.shape[0], "num_test": test_x.shape[0]}
+    sizes["feature_cache"] = cache_report(cache)
     results = []
     for k, temperature in knn_settings(args):
         metrics = knn_classify(train_x, train_y, test_x, test_y, k, temperature, num_classes)
@@ -237,7 +237,7 @@ def _linear_metrics(
     backbone: Backbone, args: argparse.Namespace, device: torch.device, init: str
 ) -> tuple[dict, dict]:
     """Cached (or extracted) raw features of train and test, then the linear probe grid."""
-    cache = FeatureCache(None if args.no_cache else args.cache_dir)
+    cache = cache_of(args)
     (train_x, train_y, _), (test_x, test_y, _) = cached_train_test_features(
         backbone, args, device, init, cache
     )
@@ -260,11 +260,7 @@ def _linear_metrics(
         "val_fraction": args.val_fraction,
         "lr": result.lr,
         "grid": result.grid,
-        "feature_cache": {
-            "hit": cache.hits == 2,
-            "hits": cache.hits,
-            "dir": None if args.no_cache else str(cache.root),
-        },
+        "feature_cache": cache_report(cache),
         "num_train": train_x.shape[0],
         "num_test": test_x.shape[0],
     }

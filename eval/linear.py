@@ -26,6 +26,7 @@ backbone.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import logging
@@ -54,6 +55,30 @@ def default_cache_dir() -> Path:
     """``$XDG_CACHE_HOME/sslpipe/features`` (``~/.cache/sslpipe/features`` when unset)."""
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "sslpipe" / "features"
+
+
+def add_cache_args(p: argparse.ArgumentParser, scope: str = "") -> None:
+    """``--cache-dir`` / ``--no-cache``: the feature cache ``knn``, ``linear`` and ``semisup``
+    (linear mode) share, so a batch extracts each checkpoint's features once."""
+    p.add_argument(
+        "--cache-dir", default=str(default_cache_dir()), metavar="DIR",
+        help=f"{scope}feature cache directory, one <key>.pt per (weights sha256, data, input "
+        "settings, sample limit, split), shared by knn, linear and semisup; delete it to "
+        "recompute (default: $XDG_CACHE_HOME/sslpipe/features, i.e. ~/.cache/sslpipe/features)",
+    )  # fmt: skip
+    p.add_argument(
+        "--no-cache", action="store_true", help=f"{scope}neither read nor write the feature cache"
+    )
+
+
+def cache_of(args: argparse.Namespace) -> FeatureCache:
+    """The feature cache the ``--cache-dir`` / ``--no-cache`` options name."""
+    return FeatureCache(None if args.no_cache else args.cache_dir)
+
+
+def cache_report(cache: FeatureCache) -> dict[str, Any]:
+    """The ``feature_cache`` entry of a record: hits of this run (train and test) and the dir."""
+    return {"hit": cache.hits == 2, "hits": cache.hits, "dir": cache.root and str(cache.root)}
 
 
 @dataclass(frozen=True)

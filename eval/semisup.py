@@ -37,9 +37,9 @@ from eval.finetune_data import dataset_labels
 from eval.linear import (
     DEFAULT_LRS,
     OPTIMIZERS,
-    FeatureCache,
     ProbeConfig,
-    default_cache_dir,
+    add_cache_args,
+    cache_of,
     linear_probe,
     probe_config_dict,
 )
@@ -146,10 +146,8 @@ def add_semisup_args(p: argparse.ArgumentParser) -> None:
     add("--momentum", type=float, default=0.9, help="linear mode (default: 0.9)")
     add("--val-fraction", type=float, default=0.1, metavar="F",
         help="linear mode: held-out share of the subset to pick the lr (default: 0.1)")
-    add("--cache-dir", default=str(default_cache_dir()), metavar="DIR",
-        help="linear mode: feature cache directory (shared with `linear`)")
-    add("--no-cache", action="store_true", help="linear mode: no feature cache")
     # fmt: on
+    add_cache_args(p, scope="linear mode: ")
 
 
 def _subset(args: argparse.Namespace) -> tuple[list[int], dict[str, Any]]:
@@ -167,7 +165,7 @@ def _linear(
     indices: list[int],
 ) -> tuple[dict, dict]:  # fmt: skip
     """Linear probe on the subset rows of the (cached) train-pool features."""
-    cache = FeatureCache(None if args.no_cache else args.cache_dir)
+    cache = cache_of(args)
     (train_x, train_y, train_i), (test_x, test_y, _) = cached_train_test_features(
         backbone, args, device, init, cache
     )

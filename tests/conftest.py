@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -58,6 +59,16 @@ def ddp_reference(
         return cache[key]
 
     return get
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_feature_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``XDG_CACHE_HOME`` in a temporary directory: the eval feature cache (default
+    ``$XDG_CACHE_HOME/sslpipe/features``) of the tests, their subprocesses and Slurm jobs never
+    touches the user's."""
+    root = tmp_path_factory.mktemp("xdg_cache")
+    os.environ["XDG_CACHE_HOME"] = str(root)
+    return root
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
