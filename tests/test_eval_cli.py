@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -188,3 +189,36 @@ def test_format_table_is_aligned():
     assert lines[1].startswith("|---") and lines[1].endswith(":|")
     assert "| a/export " in lines[2] and "| 91.50 | 99.75 |" in lines[2]
     assert "| a/export (random init) |" in lines[3] and "|  9.00 | 50.00 |" in lines[3]
+
+
+def torchrun_eval(*args: str) -> subprocess.CompletedProcess:
+    """``python -m eval ARGS`` as 2 gloo processes on the CPU."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "eval", *args]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_two_processes_give_the_single_process_results_and_share_the_cache(tiny, tmp_path):
+    """k-NN (both settings) then the linear probe under torchrun: rank 0 alone writes the
+    records; the metrics equal one process's; k-NN extracts and caches the features (rank 0
+    writes, both ranks decide together), the probe then hits the cache on every rank."""
+    one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+    probe = ("--epochs", "3", "--warmup-epochs", "1", "--lrs", "0.1", "1.0", "--probe-batch-size",
+             "32")  # fmt: skip
+    for results, cache in ((one, tmp_path / "c1"), (two, tmp_path / "c2")):
+        knn = knn_args(tiny, results, "--cache-dir", str(cache), "--batch-size", "16")
+        linear = ["linear", *knn[1:], *probe]
+        if results == one:
+            assert main(knn) == 0 and main(linear) == 0
+        else:
+            for argv in (knn, linear):
+                proc = torchrun_eval(*argv)
+                assert proc.returncode == 0, proc.stderr[-3000:]
+    single, double = read_lines(one), read_lines(two)
+    assert [r["protocol"] for r in double] == ["knn-k20-t0.07", "knn-k200-t0.1", "linear"]
+    for a, b in zip(single, double, strict=True):
+        assert a["metrics"] == b["metrics"] and a["config"]["num_train"] == b["config"]["num_train"]
+    assert double[0]["config"]["feature_cache"]["hits"] == 0
+    assert double[2]["config"]["feature_cache"]["hit"] is True
+    assert len(list((tmp_path / "c2").glob("*.pt"))) == 2
