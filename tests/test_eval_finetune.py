@@ -160,3 +160,33 @@ def test_help(command, capsys):
         options += ["--fraction", "--balance", "--mode", "--subset-file", "--subset-dir"]
     for option in options:
         assert option in out
+
+
+def test_image_folder_stream_covers_the_subset_once_per_epoch(cifar_train_shards):
+    """Class-folder input (the tree the shards were written from): every kept index once per
+    epoch with its ImageFolder label, a new order each epoch."""
+    from eval.finetune_data import LabelledTrainStream, train_transform
+
+    folder = cifar_train_shards.parent / "images"
+    labels = dataset_labels(folder)
+    keep = list(range(0, 320, 7))
+    stream = LabelledTrainStream(folder, keep, train_transform(32, [0.5] * 3, [0.25] * 3), seed=3)
+    orders = []
+    for epoch in (0, 1):
+        stream.set_epoch(epoch)
+        items = list(stream)
+        assert sorted(i for _, _, i in items) == keep
+        assert all(label == int(labels[i]) for _, label, i in items)
+        assert all(img.shape == (3, 32, 32) for img, _, _ in items)
+        orders.append([i for _, _, i in items])
+    assert orders[0] != orders[1]
+
+
+def test_cli_finetune_on_an_image_folder(exports, cifar_train_shards, tmp_path):
+    folder = str(cifar_train_shards.parent / "images")
+    results = tmp_path / "results.jsonl"
+    argv = ["finetune", "--backbone", str(exports["resnet"]), "--train", folder, "--test", folder,
+            "--results", str(results), *FAST, "--max-steps", "2"]  # fmt: skip
+    assert cli.main(argv) == 0
+    (record,) = read_lines(results)
+    assert record["config"]["num_train"] == 64 and record["dataset"].endswith("/images")
