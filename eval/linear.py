@@ -42,6 +42,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from eval.runner import is_main
 from pretrain.optim.lars import LARS
 
 log = logging.getLogger(__name__)
@@ -310,10 +311,6 @@ def cache_key(
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
-def _is_main() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
 class FeatureCache:
     """Raw features in ``root/<key>.pt``: ``{"features" [N, D], "labels" [N], "index" [N]}``.
 
@@ -346,7 +343,7 @@ class FeatureCache:
             return data["features"], data["labels"], data["index"]
         self.misses += 1
         feats, labels, index = extract()
-        if path is not None and _is_main():
+        if path is not None and is_main():
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
             data = {"features": feats.float().cpu(), "labels": labels.cpu(), "index": index.cpu()}

@@ -14,6 +14,7 @@ import torch
 import eval.batch as batch
 from eval.__main__ import main as eval_main
 from eval.results import dataset_name, read_results
+from eval.tables import COLUMNS
 from pretrain.backbones import BackboneConfig, build_backbone
 from pretrain.export import export_backbone
 
@@ -90,7 +91,7 @@ def test_each_pair_once_resumes_and_writes_tables(
     md = results.with_suffix(".md").read_text()
     assert md.strip() in printed
     header = [c.strip() for c in md.splitlines()[0].split("|")[1:-1]]
-    assert header == [c for c in batch.COLUMNS if c not in ("AP", "AP50")]  # no detection here
+    assert header == [c for c in COLUMNS if c not in ("AP", "AP50")]  # no detection here
     assert len(md.splitlines()) == 2 + 4
     with open(results.with_suffix(".csv"), newline="") as f:
         rows = list(csv.DictReader(f))
@@ -220,9 +221,7 @@ def test_knn_both_settings_and_detect_in_one_batch(
     assert [r["protocol"] for r in records] == ["knn-k20-t0.07", "knn-k200-t0.1", "detect"]
     assert set(records[2]["metrics"]) == {"AP", "AP50", "AP75"}
     md = results.with_suffix(".md").read_text().splitlines()
-    assert [c.strip() for c in md[0].split("|")[1:-1]] == [
-        c for c in batch.COLUMNS if c != "val_top1"
-    ]
+    assert [c.strip() for c in md[0].split("|")[1:-1]] == [c for c in COLUMNS if c != "val_top1"]
     assert len(md) == 2 + 3
 
     # a results file that lacks the 200-NN record: the knn pair is not done, detect is

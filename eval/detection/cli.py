@@ -18,6 +18,7 @@ from eval.detection.train import (
     train_detector,
 )
 from eval.load import add_backbone_args
+from eval.options import add_input_output_args, number
 from pretrain.backbones import Backbone
 
 log = logging.getLogger(__name__)
@@ -35,8 +36,6 @@ DESCRIPTION = (
 
 def add_detect_args(p: argparse.ArgumentParser) -> None:
     """Every option of ``detect`` (it does not share the classification data options)."""
-    from eval.__main__ import _number, add_input_output_args  # the CLI's shared options
-
     add_backbone_args(p)
     add = p.add_argument
     # fmt: off
@@ -47,34 +46,34 @@ def add_detect_args(p: argparse.ArgumentParser) -> None:
     add("--images", default=None, metavar="DIR",
         help="directory holding the images both JSON files name (default: images/ next to "
         "each JSON file)")
-    add("--min-size", type=_number(int, 1), default=320, metavar="PX",
+    add("--min-size", type=number(int, 1), default=320, metavar="PX",
         help="resize so the shorter image side is PX (model transform; default: 320)")
-    add("--max-size", type=_number(int, 1), default=512, metavar="PX",
+    add("--max-size", type=number(int, 1), default=512, metavar="PX",
         help="... and the longer side at most PX (default: 512)")
-    add("--iters", type=_number(int, 1), default=1000, metavar="N",
+    add("--iters", type=number(int, 1), default=1000, metavar="N",
         help="training iterations (default: 1000)")
-    add("--warmup-iters", type=_number(int, 0), default=100, metavar="N",
+    add("--warmup-iters", type=number(int, 0), default=100, metavar="N",
         help="iterations of linear learning-rate warmup before the cosine decay (default: 100)")
-    add("--batch-size", type=_number(int, 1), default=2, metavar="N",
+    add("--batch-size", type=number(int, 1), default=2, metavar="N",
         help="images per training iteration and per evaluation forward (default: 2)")
     add("--optimizer", choices=OPTIMIZERS, default="sgd",
         help="sgd (momentum) or adamw (default: sgd)")
-    add("--lr", type=_number(float, 0.0, strict=True), default=None, metavar="LR",
+    add("--lr", type=number(float, 0.0, strict=True), default=None, metavar="LR",
         help="peak learning rate (default: sgd 0.02 * batch_size / 16, adamw 1e-4)")
-    add("--momentum", type=_number(float, 0.0), default=0.9, metavar="M",
+    add("--momentum", type=number(float, 0.0), default=0.9, metavar="M",
         help="SGD momentum (default: 0.9)")
-    add("--weight-decay", type=_number(float, 0.0), default=None, metavar="WD",
+    add("--weight-decay", type=number(float, 0.0), default=None, metavar="WD",
         help="weight decay, not on 1-D parameters (default: sgd 1e-4, adamw 0.05)")
     add("--freeze-backbone", action="store_true",
         help="keep the backbone weights fixed (train only the FPN / pyramid and the heads)")
     add("--trainable-layers", type=int, choices=range(6), default=5, metavar="N",
         help="ResNet only: fine-tune the last N of layer4, layer3, layer2, layer1, stem (0-5; "
         "default: 5, all); BatchNorm stays frozen either way")
-    add("--max-train", type=_number(int, 1), default=None, metavar="N",
+    add("--max-train", type=number(int, 1), default=None, metavar="N",
         help="train on only the first N train images by id (default: all)")
-    add("--max-val", dest="max_test", type=_number(int, 1), default=None, metavar="N",
+    add("--max-val", dest="max_test", type=number(int, 1), default=None, metavar="N",
         help="evaluate on only the first N val images by id (default: all)")
-    add("--num-workers", type=_number(int, 0), default=2, metavar="N",
+    add("--num-workers", type=number(int, 0), default=2, metavar="N",
         help="data loading worker processes (default: 2)")
     add("--seed", type=int, default=0,
         help="seed of the head initialisation, batch order and flips (default: 0)")
