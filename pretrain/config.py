@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
@@ -48,11 +49,17 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
-    """``train``: a shard directory written by ``python -m data_prep write``."""
+    """``train``: a shard directory written by ``python -m data_prep write``. ``pipeline``:
+    where images are decoded and augmented (:mod:`pretrain.data.pipeline`): ``workers`` (PIL +
+    torchvision per sample in the loader workers), ``device`` (workers read bytes and draw the
+    parameters; batched decode and augmentation on the training device), ``auto`` (``device``
+    on CUDA, else ``workers``). Both give the same views for the same sample and seed, up to
+    interpolation and rounding."""
 
     train: str = ""
     num_workers: int = 4
     shuffle_buffer: int = 2000
+    pipeline: Literal["auto", "workers", "device"] = "auto"
     aug: AugConfig = field(default_factory=AugConfig)
 
     def validate(self) -> None:

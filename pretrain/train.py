@@ -15,7 +15,7 @@ from pretrain.backbones import build_backbone
 from pretrain.collapse import collapse_metrics
 from pretrain.config import Config, config_to_yaml, to_dict
 from pretrain.data.loader import TrainLoader
-from pretrain.data.views import view_maker
+from pretrain.data.pipeline import InputPipeline
 from pretrain.dist import DistInfo, all_reduce_sums, detect_launch, init_distributed, pick_device
 from pretrain.engine import Engine, build_engine, check_engine_supports, plain_model_state
 from pretrain.export import export_backbone
@@ -48,7 +48,8 @@ class Run:
     engine: Engine
     optimizer: Any  # torch optimizer, or the engine's wrapper of it (DeepSpeed)
     peak_lr: float
-    loader: TrainLoader
+    loader: TrainLoader | None  # None: built without data (synthetic benchmarks)
+    inputs: InputPipeline  # loader batch -> views on the device
     metrics: MetricsLogger
     start: int
 
@@ -87,7 +88,7 @@ def run_steps(run: Run, stop: StopRequest) -> int:
         batch = next(batches)  # waits for the loader workers
         if sample_log is not None:
             sample_log.log(step + 1, batch["epoch"].tolist(), batch["index"].tolist())
-        views = [to_device(v, run.device, cfg.engine.channels_last) for v in batch["views"]]
+        views = run.inputs.views(batch)  # device pipeline: decode + augment here, batched
         meter.add(views[0].shape[0] * run.info.world_size, time.perf_counter() - t0)
         apply_schedule(run.optimizer, run.lr_at(step), run.weight_decay_at(step))
         state = StepState(step=step, total_steps=cfg.run.total_steps)
@@ -112,7 +113,9 @@ def run_steps(run: Run, stop: StopRequest) -> int:
     return step
 
 
-def build_run(cfg: Config) -> Run:
+def build_run(cfg: Config, with_data: bool = True) -> Run:
+    """Everything the loop needs, resumed from ``run.dir``'s newest checkpoint;
+    ``with_data=False`` leaves the loader out (``data.train`` is not read)."""
     info = init_distributed()
     device = pick_device(info)
     per_device_batch = check_batch(cfg, info)
@@ -127,34 +130,47 @@ def build_run(cfg: Config) -> Run:
     optimizer, peak_lr = build_optimizer(cfg.optim, method.student, cfg.run.global_batch_size)
     optimizer = engine.attach_optimizer(method, optimizer)
     start, loader_state = resume(run_dir, method, optimizer, engine)
-    loader = TrainLoader(
-        cfg.data.train,
-        view_maker(method.views, cfg.data.aug),
-        per_device_batch=per_device_batch,
-        num_workers=cfg.data.num_workers,
-        seed=cfg.run.seed,
-        rank=info.rank,
-        world_size=info.world_size,
-        shuffle_buffer=cfg.data.shuffle_buffer,
-        state=loader_state,
+    inputs = InputPipeline(
+        method.views, cfg.data.aug, cfg.data.pipeline, device, cfg.engine.channels_last
     )
+    loader = build_loader(cfg, inputs, info, per_device_batch, loader_state) if with_data else None
     metrics = MetricsLogger(run_dir, start, info.is_main, cfg.log.tensorboard)
     log.info(
-        "steps %d → %d of %d, per-device batch %d, %d process(es) on %s",
+        "steps %d → %d of %d, per-device batch %d, %d process(es) on %s, %s data pipeline",
         start,
         cfg.run.stop_after or cfg.run.total_steps,
         cfg.run.total_steps,
         per_device_batch,
         info.world_size,
         device,
+        inputs.name,
     )
-    return Run(cfg, info, device, method, engine, optimizer, peak_lr, loader, metrics, start)
+    return Run(
+        cfg, info, device, method, engine, optimizer, peak_lr, loader, inputs, metrics, start
+    )
+
+
+def build_loader(
+    cfg: Config, inputs: InputPipeline, info: DistInfo, per_device_batch: int, state: dict | None
+) -> TrainLoader:
+    """This rank's resumable loader over ``data.train``, producing what ``inputs`` consumes."""
+    return TrainLoader(
+        cfg.data.train,
+        inputs.worker_fn,
+        per_device_batch=per_device_batch,
+        num_workers=cfg.data.num_workers,
+        seed=cfg.run.seed,
+        rank=info.rank,
+        world_size=info.world_size,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+        state=state,
+    )
 
 
 def log_step(run: Run, step: int, logs: dict, meter: Throughput) -> None:
     """Reduce loss (mean) and corrupt-sample counts (sum) over ranks, then record. Syncs."""
     loss_sum, corrupt = all_reduce_sums(
-        [float(logs.pop("loss")), run.loader.corrupt_count], run.device
+        [float(logs.pop("loss")), run.loader.corrupt_count + run.inputs.corrupt_count], run.device
     )
     values = {
         "loss": loss_sum / run.info.world_size,
@@ -228,11 +244,6 @@ def check_resumable(run_dir: str | Path, engine_name: str) -> Path | None:
     return path
 
 
-def to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
-    x = x.to(device, non_blocking=True)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
-
-
 def progress_line(step: int, total: int, values: dict) -> str:
     eta = (total - step) * values["step_s"]
     return (
@@ -242,13 +253,14 @@ def progress_line(step: int, total: int, values: dict) -> str:
     )
 
 
-def preflight(cfg: Config) -> None:
-    """Checks that need the filesystem or the launch, before any work (``ValueError``)."""
+def preflight(cfg: Config, with_data: bool = True) -> None:
+    """Checks that need the filesystem or the launch, before any work (``ValueError``);
+    ``with_data=False``: ``data.train`` is not needed (see :func:`build_run`)."""
     from data_prep.manifest import is_shard_dir
 
-    if not cfg.data.train:
+    if with_data and not cfg.data.train:
         raise ValueError("data.train: not set (a shard directory from 'python -m data_prep write')")
-    if not is_shard_dir(cfg.data.train):
+    if with_data and not is_shard_dir(cfg.data.train):
         raise ValueError(
             f"data.train: {cfg.data.train} is not a shard directory (no manifest.json)"
         )

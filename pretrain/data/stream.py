@@ -17,7 +17,10 @@ pipeline) because exact resume needs every random choice to be a function of a f
    the samples not yet consumed. A shard whose kept samples are all consumed is not even read:
    placeholders keep the reservoir's random draws identical.
 5. **Decode + views.** The CPU generator is seeded with ``sample_seed(seed, e, index)`` before
-   the view maker runs, so a sample's augmentation never depends on the worker layout.
+   the view maker runs, so a sample's augmentation never depends on the worker layout. A view
+   function with ``takes_bytes = True`` (the device pipeline, :mod:`pretrain.data.pipeline`)
+   gets the encoded image bytes instead of a decoded image and only draws the parameters; its
+   ``collate`` groups the samples into the batch.
 6. **Batch.** ``batch_size`` samples per batch, collated in the worker (batches may cross
    epochs). Corrupt samples are logged, counted and reported in ``skipped`` so the trainer's
    bitmap accounts for them.
@@ -43,7 +46,7 @@ from data_prep.reader import RawSample, ShardReadError, decode_image, iter_tar_s
 
 log = logging.getLogger(__name__)
 
-ViewFn = Callable[[Image.Image], list[torch.Tensor]]
+ViewFn = Callable[[Image.Image], list[torch.Tensor]]  # or bytes -> payload (takes_bytes)
 T = TypeVar("T")
 _MASK63 = (1 << 63) - 1
 
@@ -110,11 +113,18 @@ def decode_sample(raw: RawSample) -> tuple[Image.Image, int]:
     return decode_image(data), -1 if label is None else label
 
 
-class _Batcher:
-    """Groups decoded samples into batch dicts and carries corrupt events to the next batch."""
+def stack_views(payloads: list[list[torch.Tensor]]) -> dict[str, list[torch.Tensor]]:
+    """Per-sample view lists -> ``{"views": [per view: [b, 3, H, W]]}``."""
+    return {"views": [torch.stack(v) for v in zip(*payloads, strict=True)]}
 
-    def __init__(self, size: int) -> None:
+
+class _Batcher:
+    """Groups decoded samples into batch dicts and carries corrupt events to the next batch.
+    ``collate`` turns the samples' payloads (view lists by default) into batch entries."""
+
+    def __init__(self, size: int, collate: Callable[[list], dict] = stack_views) -> None:
         self.size = size
+        self.collate = collate
         self.samples: list[tuple[list[torch.Tensor], int, int, int]] = []
         self.skipped: list[tuple[int, int]] = []
         self.corrupt = 0
@@ -125,9 +135,8 @@ class _Batcher:
         return self._emit() if len(self.samples) == self.size else None
 
     def _emit(self) -> dict:
-        views, labels, indices, epochs = zip(*self.samples, strict=True)
-        batch = {
-            "views": [torch.stack(v) for v in zip(*views, strict=True)],  # per view: [b, 3, H, W]
+        payloads, labels, indices, epochs = zip(*self.samples, strict=True)
+        batch = self.collate(list(payloads)) | {
             "label": torch.tensor(labels, dtype=torch.long),  # [b]
             "index": torch.tensor(indices, dtype=torch.long),  # [b]
             "epoch": torch.tensor(epochs, dtype=torch.long),  # [b]
@@ -201,7 +210,7 @@ class ShardStream(IterableDataset):
                 "of the samples (write more shards to avoid the extra reading)",
                 self.shard_dir, self.manifest.num_shards, num_global, num_global,
             )  # fmt: skip
-        batcher = _Batcher(self.batch_size)
+        batcher = _Batcher(self.batch_size, getattr(self.view_fn, "collate", stack_views))
         for epoch in itertools.count(self.start_epoch):
             consumed = self.consumed.get(epoch)
             if consumed is not None and consumed.all():
@@ -278,8 +287,14 @@ class ShardStream(IterableDataset):
             batcher.skipped.append((epoch, item.index))
             batcher.corrupt += int(item.counts)
             return None
+        seed = sample_seed(self.seed, epoch, item.index)
+        encoded = getattr(self.view_fn, "takes_bytes", False)
         try:
-            img, label = decode_sample(item.raw)
+            if encoded:  # the view function reads the header (bad bytes raise) and draws params
+                data, label = item.raw.image_bytes()[1], item.raw.label()
+                views, label = self._views(data, seed, protect_rng), -1 if label is None else label
+            else:
+                img, label = decode_sample(item.raw)
         except Exception as exc:  # any decoder failure on bad bytes: skip the sample
             log.warning(
                 "corrupt sample %s in shard %s (index %d): %s: %s",
@@ -288,10 +303,11 @@ class ShardStream(IterableDataset):
             batcher.skipped.append((epoch, item.index))
             batcher.corrupt += 1
             return None
-        views = self._views(img, sample_seed(self.seed, epoch, item.index), protect_rng)
+        if not encoded:  # outside the try: a failing transform is a bug, not a corrupt sample
+            views = self._views(img, seed, protect_rng)
         return batcher.add(views, label, item.index, epoch)
 
-    def _views(self, img: Image.Image, seed: int, protect_rng: bool) -> list[torch.Tensor]:
+    def _views(self, img: Image.Image | bytes, seed: int, protect_rng: bool) -> list[torch.Tensor]:
         if not protect_rng:
             torch.default_generator.manual_seed(seed)
             return self.view_fn(img)

@@ -38,6 +38,7 @@ class OptimConfig:
     final_lr_ratio: float = 0.0
     weight_decay_end: float | None = None  # cosine from weight_decay to this (DINO: 0.04 → 0.4)
     layer_decay: float | None = None  # ViT layer-wise lr decay (BEiT/MAE fine-tune: 0.65-0.75)
+    fused: bool | None = None  # AdamW/SGD fused CUDA kernels; None: when every param is on CUDA
 
     def validate(self) -> None:
         if self.base_lr <= 0:
@@ -87,10 +88,11 @@ def build_optimizer(
     else:
         for g in groups:
             g.pop("trust_adaptation")
+        fused = use_fused(cfg.fused, groups)
         if cfg.name == "adamw":
-            opt = torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, eps=cfg.eps)
+            opt = torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, eps=cfg.eps, fused=fused)
         else:
-            opt = torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum)
+            opt = torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, fused=fused)
     log.info(
         "optimizer %s: lr %.4g = base_lr %.4g × %s(%d / %d)",
         cfg.name,
@@ -101,6 +103,15 @@ def build_optimizer(
         cfg.base_batch_size,
     )
     return opt, lr
+
+
+def use_fused(fused: bool | None, groups: list[dict]) -> bool | None:
+    """``optim.fused``: ``None`` (auto) -> fused kernels when every parameter is a CUDA tensor
+    (one kernel for the whole update instead of a few per tensor), else PyTorch's default."""
+    if fused is not None:
+        return fused
+    params = [p for g in groups for p in g["params"]]
+    return True if params and all(p.is_cuda for p in params) else None
 
 
 def apply_schedule(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:

@@ -1,0 +1,1 @@
+"""Throughput benchmark of a recipe: ``python -m pretrain.bench --help``."""

@@ -1,0 +1,122 @@
+"""The input pipeline: where images are decoded and augmented (``data.pipeline``).
+
+* ``workers`` (the CPU path, the default without CUDA): each loader worker decodes a sample with
+  PIL and builds its views with torchvision (:mod:`pretrain.data.views`); the trainer copies the
+  finished views to the device.
+* ``device`` (the default on CUDA): workers only read the encoded bytes, parse the image size
+  from the header and draw the sample's augmentation parameters (seeded per sample, exactly as
+  the CPU path draws them: :func:`pretrain.data.batched_views.draw_params`); the trainer decodes
+  the whole batch on the device (:mod:`pretrain.data.device_decode`) and applies the views as
+  batched ops with per-sample parameters (:func:`pretrain.data.batched_views.apply_views`).
+  It also runs on the CPU (tests), just slower than ``workers`` there.
+
+Both paths implement the same view recipes and draw identical parameters for a given (seed,
+epoch, sample), so a resume is exact in either, and the data position is the loader's in both.
+A sample whose bytes the device decoder cannot read (a corrupt JPEG body: the header was fine)
+is replaced by another image of the batch, keeping the batch size, and counted as corrupt.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from PIL import Image
+
+from pretrain.data.device_decode import decode_batch, split_encoded
+from pretrain.data.views import AugConfig, ViewMaker, view_maker
+
+if TYPE_CHECKING:
+    from pretrain.data.batched_views import ViewSpec
+
+log = logging.getLogger(__name__)
+
+PipelineName = Literal["auto", "workers", "device"]
+
+
+def resolve_pipeline(name: str, device: torch.device) -> str:
+    """``auto`` -> ``device`` on CUDA, else ``workers``; other names unchanged."""
+    if name not in ("auto", "workers", "device"):
+        raise ValueError(f"data.pipeline: {name!r} is not auto, workers or device")
+    if name == "auto":
+        return "device" if device.type == "cuda" else "workers"
+    return name
+
+
+class EncodedViews:
+    """The loader workers' side of the device pipeline (picklable): encoded bytes in, the bytes
+    and their view parameters out; :meth:`collate` packs a batch's bytes into one buffer."""
+
+    takes_bytes = True
+
+    def __init__(self, specs: Sequence[ViewSpec]) -> None:
+        self.specs = list(specs)
+
+    def __call__(self, data: bytes) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(bytes [n] uint8, params [V, P])``; the header is read, not the image (bad
+        headers raise, and the stream counts the sample as corrupt)."""
+        from pretrain.data.batched_views import draw_params
+
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+        encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        return encoded, draw_params(self.specs, height, width)
+
+    @staticmethod
+    def collate(samples: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """``encoded [total]`` uint8 (all bytes, one buffer to pin and send), ``offsets [b + 1]``,
+        ``params [b, V, P]``."""
+        sizes = torch.tensor([0] + [e.numel() for e, _ in samples])
+        return {
+            "encoded": torch.cat([e for e, _ in samples]),
+            "offsets": sizes.cumsum(0),
+            "params": torch.stack([p for _, p in samples]),
+        }
+
+
+class InputPipeline:
+    """Turns a loader batch into the views on the device: ``views(batch) -> [per view:
+    [b, 3, H, W]]`` (float32, normalised; channels-last when asked)."""
+
+    def __init__(
+        self, kind: str, aug: AugConfig, name: str, device: torch.device, channels_last: bool
+    ) -> None:
+        from pretrain.data.batched_views import view_specs
+
+        self.name = resolve_pipeline(name, device)
+        self.device, self.channels_last = device, channels_last
+        self.specs = view_specs(kind, aug) if self.name == "device" else []
+        self.worker_fn: ViewMaker | EncodedViews = (
+            EncodedViews(self.specs) if self.name == "device" else view_maker(kind, aug)
+        )
+        self.corrupt_count = 0  # samples the device decoder could not read
+
+    def views(self, batch: dict[str, Any]) -> list[torch.Tensor]:
+        """The batch's views on the device."""
+        if self.name == "workers":
+            views = [v.to(self.device, non_blocking=True) for v in batch["views"]]
+        else:
+            from pretrain.data.batched_views import apply_views
+
+            images = self.decode(batch)
+            views = apply_views(images, batch["params"], self.specs)  # params stay on the CPU
+        if self.channels_last:
+            views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+        return views
+
+    def decode(self, batch: dict[str, Any]) -> list[torch.Tensor]:
+        """Decoded RGB uint8 images on the device; unreadable ones replaced (see module doc)."""
+        images = decode_batch(split_encoded(batch["encoded"], batch["offsets"]), self.device)
+        good = next((im for im in images if im is not None), None)
+        if good is None:
+            raise RuntimeError("no image of the batch could be decoded")
+        for i, image in enumerate(images):
+            if image is None:
+                log.warning("undecodable sample (epoch %d, index %d): replaced by another image "
+                            "of its batch", int(batch["epoch"][i]), int(batch["index"][i]))  # fmt: skip
+                images[i] = good
+                self.corrupt_count += 1
+        return images
