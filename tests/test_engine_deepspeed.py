@@ -103,8 +103,14 @@ def max_loss_diff(a: Path, b: Path) -> float:
     return max(diffs)
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
-@pytest.mark.parametrize("method", list(EXTRA))
+# Every method at stage 3 (parameters partitioned too: the most rewiring), stages 1 and 2 on the
+# runs where they differ most from it (ZeRO-1: MoCo v3's AdamW states; ZeRO-2: SimCLR's LARS
+# trust ratios over flat gradient partitions). All 12 combinations agreed to the tolerances below
+# when measured (issue 4's closing note); the suite runs this subset to stay fast.
+PARITY = [(m, 3) for m in EXTRA] + [("mocov3", 1), ("simclr", 2), ("dino", 2)]
+
+
+@pytest.mark.parametrize(("method", "stage"), PARITY)
 def test_deepspeed_matches_ddp(method: str, stage: int, ds_run, ddp_reference) -> None:
     ddp, ds = ddp_reference(method, *EXTRA[method]), ds_run(method, stage)
     tol = TOLERANCE[method]
@@ -122,7 +128,7 @@ def test_deepspeed_matches_ddp(method: str, stage: int, ds_run, ddp_reference) -
     assert (ds / "export" / "backbone.safetensors").is_file()
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [3])
 def test_lamb_shard_layout_matches_ddp(stage: int, ds_run, ddp_reference) -> None:
     """LAMB's trust ratios from whole-parameter norms over ZeRO's flat partitions (LARS: the
     SimCLR runs above)."""
