@@ -13,7 +13,7 @@ DEMO_STEPS ?= 130
 DEMO_BATCH ?= 64
 KNN_TRAIN ?= 10000
 KNN_TEST ?= 5000
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= --durations=15
 
 .PHONY: setup demo test lint format clean slurm-up slurm-down
 
