@@ -25,6 +25,7 @@ import copy
 import logging
 import math
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -161,8 +162,11 @@ def finetune(
     log.info("finetune: %d samples, batch %d, %d steps, peak lr %.3g", len(train_indices),
              batch_size, total, peak)  # fmt: skip
     model.train()
-    step, losses = 0, []
-    for epoch in range(math.ceil(total / steps_per_epoch)):
+    step, losses, start = 0, [], time.perf_counter()
+    epochs = math.ceil(total / steps_per_epoch)
+    for epoch in range(epochs):
+        if epoch:
+            _log_progress(epoch, epochs, step, total, losses, batch_size, start)
         stream.set_epoch(epoch)
         for images, labels, _ in loader:
             if step >= total:
@@ -192,6 +196,16 @@ def finetune(
                "last_loss": losses[-1] if losses else None,
                "first_loss": losses[0] if losses else None}  # fmt: skip
     return model.eval(), summary
+
+
+def _log_progress(
+    epoch: int, epochs: int, step: int, total: int, losses: list[float], batch: int, start: float
+) -> None:
+    """One line per finished epoch: steps done, mean loss of the epoch's steps, images/s."""
+    recent = losses[-max(step // epoch, 1) :]
+    rate = step * batch / max(time.perf_counter() - start, 1e-9)
+    log.info("finetune epoch %d/%d: step %d/%d, loss %.4f, %.1f img/s", epoch, epochs, step,
+             total, sum(recent) / max(len(recent), 1), rate)  # fmt: skip
 
 
 @torch.inference_mode()
