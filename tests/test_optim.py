@@ -120,3 +120,13 @@ def test_build_optimizer_lamb_with_layer_decay() -> None:
     )
     with pytest.raises(ValueError, match="optim.layer_decay"):
         OptimConfig(layer_decay=1.5).validate()
+
+
+def test_fused_optimizers_only_when_asked_or_all_params_on_cuda():
+    from pretrain.optim import OptimConfig, build_optimizer, use_fused
+
+    cpu = [{"params": [torch.nn.Parameter(torch.zeros(2))]}]
+    assert use_fused(None, cpu) is None and use_fused(False, cpu) is False
+    assert use_fused(True, cpu) is True and use_fused(None, []) is None
+    opt, _ = build_optimizer(OptimConfig(name="adamw"), torch.nn.Linear(3, 3), 256)
+    assert opt.defaults["fused"] is None  # CPU parameters: PyTorch's default (foreach)

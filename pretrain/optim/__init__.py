@@ -10,6 +10,7 @@ from typing import Literal
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from pretrain.optim.lamb import Lamb
 from pretrain.optim.lars import LARS
@@ -106,12 +107,14 @@ def build_optimizer(
 
 
 def use_fused(fused: bool | None, groups: list[dict]) -> bool | None:
-    """``optim.fused``: ``None`` (auto) -> fused kernels when every parameter is a CUDA tensor
-    (one kernel for the whole update instead of a few per tensor), else PyTorch's default."""
+    """``optim.fused``: ``None`` (auto) -> fused kernels when every parameter is a plain CUDA
+    tensor (one kernel for the whole update instead of a few per tensor), else PyTorch's default
+    (FSDP2's DTensor parameters keep it: fused + DTensor has had bugs, pytorch#126670)."""
     if fused is not None:
         return fused
     params = [p for g in groups for p in g["params"]]
-    return True if params and all(p.is_cuda for p in params) else None
+    plain = all(p.is_cuda and not isinstance(p, DTensor) for p in params)
+    return True if params and plain else None
 
 
 def apply_schedule(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
