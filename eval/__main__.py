@@ -133,19 +133,11 @@ def _knn_metrics(
     sizes = {"num_train": train_x.shape[0], "num_test": test_x.shape[0]}
     sizes["feature_cache"] = cache_report(cache)
     results = []
-    for k, temperature in knn_settings(args):
+    for k, temperature in pair_settings(args.k, args.temperature):
         metrics = knn_classify(train_x, train_y, test_x, test_y, k, temperature, num_classes)
         extras = {"k": k, "temperature": temperature} | sizes
         results.append((protocol_name(k, temperature), metrics, extras))
     return results
-
-
-def knn_settings(args: argparse.Namespace) -> list[tuple[int, float]]:
-    """The (k, T) settings of ``eval knn``'s options (:func:`eval.knn.pair_settings`)."""
-    try:
-        return pair_settings(args.k, args.temperature)
-    except ValueError as exc:
-        raise EvalInputError(str(exc)) from None
 
 
 def _linear_metrics(
@@ -184,7 +176,7 @@ def _linear_metrics(
 
 def run_knn(args: argparse.Namespace) -> list[dict[str, Any]]:
     """``python -m eval knn``: weighted k-NN, every (k, T) setting (see ``eval/knn.py``)."""
-    knn_settings(args)  # option errors before any work
+    pair_settings(args.k, args.temperature)  # option errors before any work
     return run_protocol(args, _knn_metrics)
 
 

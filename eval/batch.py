@@ -200,6 +200,7 @@ def protocol_argvs(protocols: Sequence[str], extra: Sequence[str]) -> dict[str, 
         )
     scoped, shared = _split_scoped(_option_groups(extra), protocols)
     argvs: dict[str, list[str]] = {p: [] for p in protocols}
+    scoped_options = {(scope, option) for scope, option, _ in scoped}  # these win for scope
     for scope, option, tokens in scoped + shared:
         if option == "--backbone":
             raise EvalInputError("eval batch takes --checkpoints, not --backbone")
@@ -208,7 +209,7 @@ def protocol_argvs(protocols: Sequence[str], extra: Sequence[str]) -> dict[str, 
         if not takers:
             raise EvalInputError(f"{option}: not an option of {', '.join(chosen)}")
         for p in takers:
-            if scope or (p, option) not in {(s, o) for s, o, _ in scoped}:  # scoped ones win
+            if scope or (p, option) not in scoped_options:
                 argvs[p] += tokens
     return argvs
 
@@ -250,10 +251,7 @@ def record_protocols(protocol: str, ns: argparse.Namespace) -> tuple[str, ...]:
     """The ``protocol`` fields of the records the subcommand writes (``knn`` -> ``knn-k20-t0.07``,
     ``knn-k200-t0.1``)."""
     if protocol == "knn":
-        try:
-            settings = pair_settings(ns.k, ns.temperature)
-        except ValueError as exc:
-            raise EvalInputError(f"eval knn: {exc}") from None
+        settings = pair_settings(ns.k, ns.temperature)
         return tuple(knn_protocol_name(k, t) for k, t in settings)
     if protocol == "semisup":
         from eval.semisup import semisup_protocol_name

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from eval.errors import EvalInputError
+
 DEFAULT_K = 20
 DEFAULT_TEMPERATURE = 0.07
 DEFAULT_SETTINGS: tuple[tuple[int, float], ...] = ((20, 0.07), (200, 0.1))  # (k, T) per protocol
@@ -35,7 +37,8 @@ def pair_settings(
 
     Neither given: :data:`DEFAULT_SETTINGS` (both common protocols). One given: the other takes
     its single default (``--k 5`` -> ``[(5, 0.07)]``). Both: paired element-wise, a single value
-    pairing with every value of the other list; other length mismatches are a ValueError.
+    pairing with every value of the other list; other length mismatches are an
+    :class:`EvalInputError` (a ValueError).
     """
     if ks is None and temperatures is None:
         return list(DEFAULT_SETTINGS)
@@ -46,7 +49,7 @@ def pair_settings(
     if len(temperatures) == 1:
         temperatures = temperatures * len(ks)
     if len(ks) != len(temperatures):
-        raise ValueError(
+        raise EvalInputError(
             f"--k ({len(ks)} values) and --temperature ({len(temperatures)} values) must have "
             "the same number of values, or one of them a single value"
         )

@@ -159,16 +159,10 @@ def synthetic_feed(run: Any) -> Feed:
 
 
 def view_shapes(run: Any) -> list[tuple[int, ...]]:
-    """Per view ``(3, H, W)``, from the data side's own view maker on a blank image (its RNG
-    draws are kept off the global generator)."""
-    from PIL import Image
+    """Per view ``(3, S, S)``: the sizes of the recipe's views (the data side's view specs)."""
+    from pretrain.data.batched_views import view_specs
 
-    from pretrain.data.views import view_maker
-
-    aug = run.cfg.data.aug
-    blank = Image.new("RGB", (max(aug.size, aug.local_size),) * 2)
-    with torch.random.fork_rng(devices=[]):
-        return [tuple(v.shape) for v in view_maker(run.method.views, aug)(blank)]
+    return [(3, spec.size, spec.size) for spec in view_specs(run.method.views, run.cfg.data.aug)]
 
 
 def shard_feed(run: Any) -> Feed:
