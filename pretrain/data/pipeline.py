@@ -21,20 +21,16 @@ from __future__ import annotations
 import io
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any
 
 import torch
 from PIL import Image
 
+from pretrain.data.batched_views import ViewSpec, apply_views, draw_params, view_specs
 from pretrain.data.device_decode import decode_batch, split_encoded
 from pretrain.data.views import AugConfig, ViewMaker, view_maker
 
-if TYPE_CHECKING:
-    from pretrain.data.batched_views import ViewSpec
-
 log = logging.getLogger(__name__)
-
-PipelineName = Literal["auto", "workers", "device"]
 
 
 def resolve_pipeline(name: str, device: torch.device) -> str:
@@ -58,8 +54,6 @@ class EncodedViews:
     def __call__(self, data: bytes) -> tuple[torch.Tensor, torch.Tensor]:
         """``(bytes [n] uint8, params [V, P])``; the header is read, not the image (bad
         headers raise, and the stream counts the sample as corrupt)."""
-        from pretrain.data.batched_views import draw_params
-
         with Image.open(io.BytesIO(data)) as img:
             width, height = img.size
         encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
@@ -84,8 +78,6 @@ class InputPipeline:
     def __init__(
         self, kind: str, aug: AugConfig, name: str, device: torch.device, channels_last: bool
     ) -> None:
-        from pretrain.data.batched_views import view_specs
-
         self.name = resolve_pipeline(name, device)
         self.device, self.channels_last = device, channels_last
         self.specs = view_specs(kind, aug) if self.name == "device" else []
@@ -99,8 +91,6 @@ class InputPipeline:
         if self.name == "workers":
             views = [v.to(self.device, non_blocking=True) for v in batch["views"]]
         else:
-            from pretrain.data.batched_views import apply_views
-
             images = self.decode(batch)
             views = apply_views(images, batch["params"], self.specs)  # params stay on the CPU
         if self.channels_last:
