@@ -546,6 +546,34 @@ def test_apply_views_rejects_mismatched_params():
         apply_views([torch.zeros(3, 8, 8, dtype=torch.uint8)], torch.zeros(1, 2, 3), specs)
 
 
+@pytest.mark.parametrize("recipe", ["two_view", "multi_crop", "single"])
+def test_apply_views_keeps_every_tensor_on_the_images_device(recipe, monkeypatch):
+    """The CUDA path without a GPU: on the meta device any tensor left on the CPU (bar 0-d
+    scalars) makes an op raise, so this finds device mix-ups the CPU tests cannot. Nested
+    tensors have no meta form, so the padding is a plain per-image pad here."""
+
+    def pad(images):
+        h, w = max(i.shape[1] for i in images), max(i.shape[2] for i in images)
+        padded = [
+            torch.nn.functional.pad(i, (0, w - i.shape[2], 0, h - i.shape[1])) for i in images
+        ]
+        return torch.stack(padded).float()
+
+    monkeypatch.setattr("pretrain.data.batched_views.pad_batch", pad)
+    kind, aug = RECIPES[recipe]
+    specs = view_specs(kind, aug)
+    sizes = [(40 + 3 * i, 50 + 5 * (i % 3)) for i in range(12)]
+    images = [torch.empty(3, h, w, dtype=torch.uint8, device="meta") for h, w in sizes]
+    params = torch.stack([draw_params(specs, h, w) for h, w in sizes])
+    params[:, :, COL["flip"]] = torch.arange(12).remainder(2)[:, None]  # every op on some samples
+    if recipe != "single":
+        for name in ("jitter", "gray", "blur", "solarize"):
+            params[:, :, COL[name]] = torch.arange(12).remainder(3)[:, None].clamp(max=1)
+    views = apply_views(images, params, specs)
+    assert [tuple(v.shape) for v in views] == [(12, 3, s.size, s.size) for s in specs]
+    assert all(v.device.type == "meta" and v.dtype == torch.float32 for v in views)
+
+
 @pytest.mark.gpu
 def test_cuda_views_match_cpu_views():
     """The CUDA path (float16 padded batch and resampling weights) against the CPU path of the

@@ -89,6 +89,26 @@ def test_cuda_decode_matches_cpu_decode():
         assert (g.cpu().float() - c.float()).abs().mean() < 2.0
 
 
+@pytest.mark.gpu
+def test_cuda_decode_leaves_memory_the_training_stream_still_reads_alone():
+    """pytorch/vision#9606: decoded images written into blocks that kernels queued on the
+    caller's stream still read. Victims the size of a decoded image are freed on the host while
+    a queued sum still has to read them (behind a ~0.1 s sleep kernel); the decode must not land
+    in them, so every queued sum still sees the victims' value."""
+    device = torch.device("cuda")
+    batch = [encode(smooth_image(96, 128, s), "JPEG", quality=90) for s in range(32)]
+    corrupted = 0
+    for _ in range(20):
+        victims = [torch.full((3, 96, 128), 7, dtype=torch.uint8, device=device) for _ in batch]
+        torch.cuda._sleep(100_000_000)  # the caller's stream is busy for a while
+        sums = torch.stack([v.sum(dtype=torch.int64) for v in victims])  # queued behind it
+        del victims  # freed on the host: their blocks are free for the caller's stream
+        images = decode_batch(batch, device)
+        corrupted += int((sums != 7 * 3 * 96 * 128).any())
+        assert all(image is not None and image.is_cuda for image in images)
+    assert corrupted == 0
+
+
 # --- training through the device pipeline ---------------------------------------------------
 
 RECIPES = Path(__file__).resolve().parents[1] / "pretrain" / "recipes" / "debug"
