@@ -22,7 +22,7 @@ bench() {  # NAME RECIPE DATA BATCH [overrides...]
   local name=$1 recipe=$2 data=$3 batch=$4; shift 4
   "$PY" -m pretrain.bench "pretrain/recipes/$recipe.yaml" "data.train=$data" \
     "run.global_batch_size=$batch" "data.num_workers=$WORKERS" "$@" \
-    --inputs synthetic,workers,device --steps 30 --warmup 10 --json "$OUT/$name.json" \
+    --inputs synthetic,workers,device --steps 30 --warmup 10 --split-steps 10 --json "$OUT/$name.json" \
     2>&1 | tee "$OUT/$name.log"
 }
 bench simclr_r50 simclr_resnet50_in1k "$OUT/in1k-like" 256

@@ -1,5 +1,5 @@
-"""``python -m pretrain.bench RECIPE [a.b=c ...] [--steps N] [--warmup N] [--inputs LIST]
-[--json PATH]``: the command line of :mod:`pretrain.bench.measure` (table and JSON report)."""
+"""``python -m pretrain.bench RECIPE [a.b=c ...] [--steps N] [--warmup N] [--split-steps N]
+[--inputs LIST] [--json PATH]``: the command line of :mod:`pretrain.bench.measure` (table and JSON report)."""
 
 from __future__ import annotations
 
@@ -26,13 +26,20 @@ input modes (--inputs, comma-separated, run in the order given):
              bytes and draw parameters; batched decode + augmentation on the training device)
   shards     the real shards with the recipe's own data.pipeline (auto = device on CUDA)
 
-output: an aligned table (mode, img/s, step ms, data-wait %, MFU %, peak memory GB) on
-stdout; with --json PATH the full report goes to PATH (its path is printed under the table), without
-it the report is printed as JSON on stdout after the table. Report keys, per mode: input,
-pipeline, steps, global_batch, images_per_s, step_s, data_wait_s, compute_s, data_wait_frac,
-flops_per_step, achieved_tflops, peak_tflops, mfu, peak_memory_gb (null where not measurable,
-with the reason in notes); top level: recipe, overrides, device, precision, torch, world_size,
-warmup, results, notes. flops_per_step and the TFLOP/s figures are per device.
+timing: the --steps timed steps run as in training, with no device synchronisation between
+steps (on the device pipeline the next batch's decode and augmentation overlap the current
+step): img/s, step ms and data-wait % (the host's time blocked waiting for the next views) come
+from them. Then --split-steps synchronised steps time the data part (batch, decode, augment)
+and the model's step apart: data ms and compute ms; MFU uses compute ms.
+
+output: an aligned table (mode, img/s, step ms, data-wait %, data ms, compute ms, MFU %, peak
+memory GB) on stdout; with --json PATH the full report goes to PATH (its path is printed under
+the table), without it the report is printed as JSON on stdout after the table. Report keys,
+per mode: input, pipeline, steps, global_batch, images_per_s, step_s, data_wait_s,
+data_wait_frac, split_steps, data_s, compute_s, flops_per_step, achieved_tflops, peak_tflops,
+mfu, peak_memory_gb (null where not measurable, with the reason in notes); top level: recipe,
+overrides, device, precision, torch, world_size, warmup, results, notes. flops_per_step and the
+TFLOP/s figures are per device.
 
 examples:
   python -m pretrain.bench pretrain/recipes/dino_vit_small_in1k.yaml --inputs synthetic
@@ -86,6 +93,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="untimed steps first: compile, kernel selection, loader workers start (5)",
     )
     p.add_argument(
+        "--split-steps",
+        type=at_least(1),
+        default=5,
+        help="synchronised steps after the timed ones, timing data and compute apart (5)",
+    )
+    p.add_argument(
         "--inputs",
         type=parse_inputs,
         default=["synthetic", "shards"],
@@ -104,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     from pretrain.config import load_config
 
-    options = BenchOptions(args.steps, args.warmup, args.inputs)
+    options = BenchOptions(args.steps, args.warmup, args.inputs, args.split_steps)
     notes: list[str] = []
     with tempfile.TemporaryDirectory(prefix="pretrain-bench-") as tmp:
         try:  # every check before any work: the trainer's config errors and preflight
@@ -124,8 +137,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    """The aligned summary: mode, img/s, step ms, data-wait %, MFU %, peak memory GB."""
-    header = ("mode", "img/s", "step ms", "data-wait %", "MFU %", "peak mem GB")
+    """The aligned summary: mode, img/s, step ms, data-wait %, data ms, compute ms, MFU %,
+    peak memory GB."""
+    header = (
+        "mode", "img/s", "step ms", "data-wait %", "data ms", "compute ms", "MFU %", "peak mem GB"
+    )  # fmt: skip
     rows = [header] + [table_row(r) for r in results]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = [
@@ -145,6 +161,8 @@ def table_row(r: dict[str, Any]) -> tuple[str, ...]:
         f"{r['images_per_s']:.1f}",
         f"{1000 * r['step_s']:.1f}",
         f"{100 * r['data_wait_frac']:.1f}",
+        f"{1000 * r['data_s']:.1f}",
+        f"{1000 * r['compute_s']:.1f}",
         "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}",
         "-" if r["peak_memory_gb"] is None else f"{r['peak_memory_gb']:.2f}",
     )

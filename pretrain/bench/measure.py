@@ -2,15 +2,23 @@
 
 Each input mode builds its own run with the trainer's :func:`~pretrain.train.build_run` in a
 fresh temporary ``run.dir`` (no resume, no checkpoint, no export, no TensorBoard), trains
-``--warmup`` untimed steps (compile, kernel selection, loader workers starting), then ``--steps``
-timed ones with the trainer's own :func:`~pretrain.step.train_step`, and one more under
-``FlopCounterMode`` to count the FLOPs of a step. Per step::
+``--warmup`` untimed steps (compile, kernel selection, loader workers starting), then:
 
-    t0; views = next(feed)  [batch from the loader + run.inputs.views]; sync; t1
-    apply_schedule + train_step; sync; t2        data wait = t1 - t0, compute = t2 - t1
+* ``--steps`` timed steps with the trainer's own :func:`~pretrain.step.train_step`, run as the
+  trainer runs them, with no device synchronisation between steps (the device pipeline's decode
+  and augmentation of the next batch overlap the current step's kernels, as in training):
+  ``images_per_s`` and ``step_s`` come from their wall time (synchronised at both ends);
+  ``data_wait_s`` is the host's mean time blocked in ``next(feed)`` (loader batch +
+  ``run.inputs.views``), the trainer's ``data-wait``;
+* ``--split-steps`` synchronised steps that split a step in two, one part after the other::
 
-MFU is the achieved FLOP rate of the compute part over the rate of a large matmul measured on
-the same device in the engine's compute dtype (not a datasheet number).
+      t0; views = next(feed); sync; t1; apply_schedule + train_step; sync; t2
+      data_s = t1 - t0 (batch, decode, augment), compute_s = t2 - t1 (the model's step)
+
+* one more step under ``FlopCounterMode`` to count the FLOPs of a step.
+
+MFU is the achieved FLOP rate of ``compute_s`` over the rate of a large matmul measured on the
+same device in the engine's compute dtype (not a datasheet number).
 """
 
 from __future__ import annotations
@@ -44,9 +52,11 @@ class ModeResult:
     global_batch: int
     images_per_s: float
     step_s: float  # wall time of the timed steps / steps
-    data_wait_s: float  # mean t1 - t0
-    compute_s: float  # mean t2 - t1
-    data_wait_frac: float
+    data_wait_s: float  # mean host time blocked on the next views, timed steps
+    data_wait_frac: float  # their sum over the wall time
+    split_steps: int
+    data_s: float  # mean synchronised time of batch + decode + augment, split steps
+    compute_s: float  # mean synchronised time of the training step, split steps
     flops_per_step: int | None  # forward + backward of one step on one device
     achieved_tflops: float | None
     peak_tflops: float | None
@@ -56,12 +66,13 @@ class ModeResult:
 
 @dataclass
 class Measured:
-    """What the timed steps measured: per-step data wait and compute (s), their wall time, and
-    the peak memory of the mode."""
+    """What a mode measured: the timed steps' host data waits (s) and wall time, the split
+    steps' synchronised data and compute times (s), and the peak memory of the mode."""
 
     waits: list[float] = field(default_factory=list)
-    computes: list[float] = field(default_factory=list)
     wall: float = 0.0
+    data: list[float] = field(default_factory=list)
+    computes: list[float] = field(default_factory=list)
     peak_memory_gb: float | None = None
 
     @property
@@ -71,11 +82,18 @@ class Measured:
 
 @dataclass
 class BenchOptions:
-    """``--steps`` timed and ``--warmup`` untimed steps per mode, and the modes in order."""
+    """``--steps`` timed, ``--warmup`` untimed and ``--split-steps`` synchronised steps per
+    mode, and the modes in order."""
 
     steps: int = 20
     warmup: int = 5
     inputs: list[str] = field(default_factory=lambda: ["synthetic", "shards"])
+    split_steps: int = 5
+
+    @property
+    def total(self) -> int:
+        """Steps one mode trains: warm-up, timed, split and the FLOP-counting one."""
+        return self.warmup + self.steps + self.split_steps + 1
 
 
 def bench(configs: dict[str, Any], options: BenchOptions, notes: list[str]) -> dict[str, Any]:
@@ -106,7 +124,7 @@ def mode_config(cfg: Any, mode: str, options: BenchOptions, tmp: Path) -> Any:
     by the trainer's preflight (``ValueError``)."""
     from pretrain.train import preflight
 
-    total = max(cfg.run.total_steps, options.warmup + options.steps + 1)
+    total = max(cfg.run.total_steps, options.total)
     pipeline = {"workers": "workers", "device": "device"}.get(mode, cfg.data.pipeline)
     data = replace(cfg.data, pipeline=pipeline)
     out = replace(
@@ -132,9 +150,10 @@ def bench_mode(
     feed = synthetic_feed(run) if mode == "synthetic" else shard_feed(run)
     try:
         for step in range(options.warmup):
-            timed_step(run, feed, step)
+            train_one(run, next(feed), step)
         measured = timed_steps(run, feed, options)
-        flops = count_flops(run, next(feed), options.warmup + options.steps)
+        split_steps(run, feed, options, measured)
+        flops = count_flops(run, next(feed), options.total - 1)
         measured.peak_memory_gb = peak_memory_gb(run.device)
     finally:
         feed.close()  # stops the loader workers
@@ -191,27 +210,34 @@ def train_one(run: Any, views: list[torch.Tensor], step: int) -> None:
     )
 
 
-def timed_step(run: Any, feed: Feed, step: int) -> tuple[float, float]:
-    """``(data wait, compute)`` seconds of one step (device synchronised around both)."""
-    t0 = time.perf_counter()
-    views = next(feed)
-    synchronize(run.device)
-    t1 = time.perf_counter()
-    train_one(run, views, step)
-    synchronize(run.device)
-    return t1 - t0, time.perf_counter() - t1
-
-
 def timed_steps(run: Any, feed: Feed, options: BenchOptions) -> Measured:
-    """Per-step data waits and compute times of the timed steps, and their wall time."""
+    """The timed steps, unsynchronised as in training: per-step host data waits, wall time."""
     t = Measured()
+    synchronize(run.device)
     start = time.perf_counter()
     for step in range(options.warmup, options.warmup + options.steps):
-        wait, compute = timed_step(run, feed, step)
-        t.waits.append(wait)
-        t.computes.append(compute)
+        t0 = time.perf_counter()
+        views = next(feed)
+        t.waits.append(time.perf_counter() - t0)
+        train_one(run, views, step)
+    synchronize(run.device)
     t.wall = time.perf_counter() - start
     return t
+
+
+def split_steps(run: Any, feed: Feed, options: BenchOptions, t: Measured) -> None:
+    """The split steps into ``t``: data and compute each timed to the device's completion."""
+    first = options.warmup + options.steps
+    for step in range(first, first + options.split_steps):
+        synchronize(run.device)
+        t0 = time.perf_counter()
+        views = next(feed)
+        synchronize(run.device)
+        t1 = time.perf_counter()
+        train_one(run, views, step)
+        synchronize(run.device)
+        t.data.append(t1 - t0)
+        t.computes.append(time.perf_counter() - t1)
 
 
 def count_flops(run: Any, views: list[torch.Tensor], step: int) -> int:
@@ -229,7 +255,7 @@ def summarize(
     mode: str, pipeline: str | None, global_batch: int, t: Measured, flops: int, peak: float
 ) -> ModeResult:
     """The mode's :class:`ModeResult` (``flops`` 0: not counted, so FLOP figures are null)."""
-    wait, compute = sum(t.waits) / t.steps, sum(t.computes) / t.steps
+    compute = sum(t.computes) / len(t.computes)
     achieved = flops / compute / 1e12 if flops else None
     return ModeResult(
         input=mode,
@@ -238,9 +264,11 @@ def summarize(
         global_batch=global_batch,
         images_per_s=global_batch * t.steps / t.wall,
         step_s=t.wall / t.steps,
-        data_wait_s=wait,
-        compute_s=compute,
+        data_wait_s=sum(t.waits) / t.steps,
         data_wait_frac=sum(t.waits) / t.wall,
+        split_steps=len(t.computes),
+        data_s=sum(t.data) / len(t.data),
+        compute_s=compute,
         flops_per_step=flops or None,
         achieved_tflops=achieved,
         peak_tflops=peak,
