@@ -30,6 +30,7 @@ from pretrain.data.batched_views import (
     pad_batch,
     resample_weights,
     resized_crop,
+    size_groups,
     solarize,
     view_specs,
 )
@@ -589,3 +590,34 @@ def test_cuda_views_match_cpu_views():
         assert y.device.type == "cuda" and y.dtype == torch.float32
         diff = (to_pixels(x, spec) - to_pixels(y.cpu(), spec)).abs()
         assert diff.mean() < 1e-3 and diff.max() < 0.01
+
+
+def test_size_groups_bound_the_padding():
+    same = [(375, 500)] * 5
+    assert size_groups(same) == [list(range(5))]
+    mixed = [(375, 500), (500, 375), (333, 500), (375, 500)]  # ImageNet's usual shapes
+    assert size_groups(mixed) == [[0, 1, 2, 3]]  # padding to 500x500: 1.4x their pixels
+    shapes = [(375, 500), (3000, 4000), (32, 32), (375, 500), (2000, 3000), (36, 30)]
+    groups = size_groups(shapes)
+    assert sorted(i for g in groups for i in g) == list(range(6))
+    for g in groups:
+        h, w = max(shapes[i][0] for i in g), max(shapes[i][1] for i in g)
+        assert len(g) * h * w <= 1.5 * sum(shapes[i][0] * shapes[i][1] for i in g)
+    big = next(g for g in groups if 1 in g)  # the 4000x3000 photo
+    assert 0 not in big and 3 not in big and len(groups) >= 3  # it pads no 500x375 image
+
+
+def test_views_of_a_mixed_size_batch_equal_each_image_alone():
+    """Size groups (an outsized image, CIFAR images, a mid-sized one) reassemble in batch
+    order: each sample's views equal those of the image run alone (a batch of one)."""
+    kind, aug = RECIPES["multi_crop"]
+    specs = view_specs(kind, aug)
+    images = [*cifar_images(3), smooth_image(300, 420), smooth_image(40, 56), *cifar_images(2)]
+    params = seeded_params(specs, images, list(range(len(images))))
+    tensors = [TF.pil_to_tensor(im) for im in images]
+    assert len(size_groups([tuple(t.shape[1:]) for t in tensors])) > 1
+    together = apply_views(tensors, params, specs)
+    for i, t in enumerate(tensors):
+        alone = apply_views([t], params[i : i + 1], specs)
+        for x, y in zip(together, alone, strict=True):
+            torch.testing.assert_close(x[i : i + 1], y, atol=1e-5, rtol=0)

@@ -19,7 +19,8 @@ copy of the parameters, so apply_views never waits on the device):
 * resized crop: PIL's antialiased bicubic resampling (the CPU path's ``Image.resize(BICUBIC)``:
   Keys a=-0.5, support scaled by the downscale factor, weights renormalised at the crop edge,
   the horizontal pass clipped to the pixel range before the vertical one) as two batched
-  matmuls with per-sample weight matrices. On CIFAR crops (always upsampled) it matches PIL to
+  matmuls with per-sample weight matrices over the images zero-padded to one size (per size
+  group: an outsized image does not pad the whole batch to its size). On CIFAR crops (always upsampled) it matches PIL to
   about one uint8 level (mean 0.3), where ``roi_align`` (bilinear sampling; the first
   candidate) differed by 2 levels on average and up to 35. (Pillow 13 sometimes runs the
   vertical pass first; only where a pass overshoots the pixel range, as on full-range noise,
@@ -348,9 +349,9 @@ def _colour_jitter(x: Tensor, host: Tensor, dev: Tensor) -> Tensor:
     return x
 
 
-def _view(batch: Tensor, unit: float, host: Tensor, dev: Tensor, spec: ViewSpec) -> Tensor:
-    """One view of the batch: ``host``/``dev`` [B, P] the view's parameter rows."""
-    x = resized_crop(batch, dev[:, :4], host[:, :4], spec.size, unit)  # [B, 3, S, S]
+def _finish_view(x: Tensor, host: Tensor, dev: Tensor, spec: ViewSpec) -> Tensor:
+    """Everything after the resized crop: ``x`` [B, 3, S, S] in [0, 1], ``host``/``dev``
+    [B, P] the view's parameter rows."""
     x = _subset(x, host[:, _COL["flip"]] > 0, lambda t: t.flip(-1))
     if spec.colour:
         x = _colour_jitter(x, host, dev)
@@ -363,14 +364,64 @@ def _view(batch: Tensor, unit: float, host: Tensor, dev: Tensor, spec: ViewSpec)
     return (x - mean) / std
 
 
-def pad_batch(images: Sequence[Tensor]) -> Tensor:
-    """B ``[3, H_i, W_i]`` images -> ``[B, 3, max H, max W]`` zero-padded at the bottom/right,
-    float16 on CUDA (exact for uint8 values), float32 elsewhere; one nested-tensor pad, not a
-    copy per image."""
+def size_groups(shapes: Sequence[tuple[int, int]], slack: float = 1.5) -> list[list[int]]:
+    """Image indices grouped so that padding a group to its largest height and width costs at
+    most ``slack`` times the group's own pixels (one group, in batch order, when the whole batch
+    meets that). Greedy over the images by area, largest first: one 4000x3000 photo among
+    500x375 ones gets its own group instead of padding the whole batch to its size."""
+    heights, widths = [h for h, _ in shapes], [w for _, w in shapes]
+    if len(shapes) * max(heights) * max(widths) <= slack * sum(h * w for h, w in shapes):
+        return [list(range(len(shapes)))]
+    groups: list[list[int]] = []
+    height = width = pixels = 0  # the open group's padded size and own pixels
+    for i in sorted(range(len(shapes)), key=lambda i: -heights[i] * widths[i]):
+        h, w = max(height, heights[i]), max(width, widths[i])
+        area = heights[i] * widths[i]
+        if groups and (len(groups[-1]) + 1) * h * w <= slack * (pixels + area):
+            groups[-1].append(i)
+            height, width, pixels = h, w, pixels + area
+        else:
+            groups.append([i])
+            height, width, pixels = heights[i], widths[i], area
+    return groups
+
+
+def resized_crops(
+    images: Sequence[Tensor], host: Tensor, dev: Tensor, specs: Sequence[ViewSpec]
+) -> list[Tensor]:
+    """Per view, every image's resized crop ``[B, 3, S, S]`` (float32 in [0, 1], batch order);
+    ``host``/``dev`` ``[B, V, P]``. The images are padded into one batch per size group
+    (:func:`size_groups`), so an odd-sized image does not inflate the others' matmuls."""
+    unit = 1.0 if images[0].is_floating_point() else 255.0
+    groups = size_groups([(int(im.shape[1]), int(im.shape[2])) for im in images])
+    crops: list[list[Tensor]] = [[] for _ in specs]
+    for group in groups:
+        batch = pad_batch([images[i] for i in group])  # [b, 3, H, W]
+        rows = torch.tensor(group)
+        on_dev = rows.to(dev.device, non_blocking=True)
+        for v, spec in enumerate(specs):
+            box, host_box = dev[on_dev, v, :4], host[rows, v, :4]
+            crops[v].append(resized_crop(batch, box, host_box, spec.size, unit))
+    if len(groups) == 1:
+        return [c[0] for c in crops]
+    order = torch.tensor([i for group in groups for i in group])
+    inverse = torch.argsort(order).to(dev.device, non_blocking=True)  # batch order
+    return [torch.cat(c)[inverse] for c in crops]
+
+
+def check_images(images: Sequence[Tensor]) -> None:
+    """``ValueError`` unless ``images`` is B >= 1 tensors ``[3, H_i, W_i]``."""
     if not images or any(img.ndim != 3 or img.shape[0] != 3 for img in images):
         raise ValueError(
             f"expected B >= 1 images [3, H, W], got {[tuple(i.shape) for i in images]}"
         )
+
+
+def pad_batch(images: Sequence[Tensor]) -> Tensor:
+    """B ``[3, H_i, W_i]`` images -> ``[B, 3, max H, max W]`` zero-padded at the bottom/right,
+    float16 on CUDA (exact for uint8 values), float32 elsewhere; one nested-tensor pad, not a
+    copy per image."""
+    check_images(images)
     dtype = torch.float16 if images[0].is_cuda else torch.float32
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*nested tensors is in prototype.*")
@@ -388,11 +439,14 @@ def apply_views(
     from :func:`draw_params` for image ``i``. Returns V float32 tensors ``[B, 3, S_v, S_v]``
     (normalised with the view's mean/std) on the images' device.
     """
+    check_images(images)
     expected = (len(images), len(specs), len(PARAM_NAMES))
     if tuple(params.shape) != expected:
         raise ValueError(f"params has shape {tuple(params.shape)}, expected {expected}")
-    batch = pad_batch(images)  # [B, 3, H, W]
-    unit = 1.0 if images[0].is_floating_point() else 255.0
     host = params.detach().to("cpu", torch.float64)  # op decisions without device syncs
-    dev = params.detach().to(batch.device, torch.float32)
-    return [_view(batch, unit, host[:, v], dev[:, v], spec) for v, spec in enumerate(specs)]
+    dev = params.detach().to(images[0].device, torch.float32)
+    crops = resized_crops(images, host, dev, specs)
+    return [
+        _finish_view(x, host[:, v], dev[:, v], spec)
+        for v, (x, spec) in enumerate(zip(crops, specs, strict=True))
+    ]
