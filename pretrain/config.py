@@ -54,12 +54,14 @@ class DataConfig:
     torchvision per sample in the loader workers), ``device`` (workers read bytes and draw the
     parameters; batched decode and augmentation on the training device), ``auto`` (``device``
     on CUDA, else ``workers``). Both give the same views for the same sample and seed, up to
-    interpolation and rounding."""
+    interpolation and rounding. ``decode`` (device pipeline only): ``device`` (batched, nvJPEG
+    on CUDA) or ``workers`` (the workers decode on the CPU and ship pixels; for small images)."""
 
     train: str = ""
     num_workers: int = 4
     shuffle_buffer: int = 2000
     pipeline: Literal["auto", "workers", "device"] = "auto"
+    decode: Literal["device", "workers"] = "device"
     aug: AugConfig = field(default_factory=AugConfig)
 
     def validate(self) -> None:

@@ -130,8 +130,9 @@ def build_run(cfg: Config, with_data: bool = True) -> Run:
     optimizer, peak_lr = build_optimizer(cfg.optim, method.student, cfg.run.global_batch_size)
     optimizer = engine.attach_optimizer(method, optimizer)
     start, loader_state = resume(run_dir, method, optimizer, engine)
+    d = cfg.data
     inputs = InputPipeline(
-        method.views, cfg.data.aug, cfg.data.pipeline, device, cfg.engine.channels_last
+        method.views, d.aug, d.pipeline, device, cfg.engine.channels_last, d.decode
     )
     loader = build_loader(cfg, inputs, info, per_device_batch, loader_state) if with_data else None
     metrics = MetricsLogger(run_dir, start, info.is_main, cfg.log.tensorboard)

@@ -30,3 +30,7 @@ bench dino_vits16 dino_vit_small_in1k "$OUT/in1k-like" 256
 bench mae_vitb16 mae_vit_base_in1k "$OUT/in1k-like" 256
 bench cifar_simclr_r18 simclr_resnet18_cifar10 "$OUT/cifar" 512
 bench cifar_simclr_r18_compile simclr_resnet18_cifar10 "$OUT/cifar" 512 engine.compile=true
+# CIFAR's 32x32 JPEGs decoded in the workers (data.decode=workers), augmented on the GPU
+bench cifar_simclr_r18_wdecode simclr_resnet18_cifar10 "$OUT/cifar" 512 data.decode=workers
+bench cifar_simclr_r18_wdecode_compile simclr_resnet18_cifar10 "$OUT/cifar" 512 \
+  data.decode=workers engine.compile=true

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from data_prep.writer import WriteOptions, write_shards
+from tests.paths import CIFAR10
 
 REPO = Path(__file__).resolve().parents[1]
-CIFAR10 = REPO.parent / "shared" / "data" / "cifar10"
 
 
 def cifar_subset(dest: Path, split: str, per_class: int) -> Path:

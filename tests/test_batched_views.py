@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -35,8 +34,9 @@ from pretrain.data.batched_views import (
     view_specs,
 )
 from pretrain.data.views import AugConfig, view_maker
+from tests.paths import CIFAR10
 
-CIFAR = Path("/work/shared/data/cifar10/train")
+CIFAR = CIFAR10 / "train"
 COL = {name: i for i, name in enumerate(PARAM_NAMES)}
 RECIPES = {
     "two_view": ("two_view", AugConfig()),

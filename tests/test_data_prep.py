@@ -25,9 +25,9 @@ from data_prep.writer import (
     tar_bytes,
     write_shards,
 )
+from tests.paths import CIFAR10
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-CIFAR10 = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
 PER_CLASS = 20
 
 needs_cifar = pytest.mark.skipif(

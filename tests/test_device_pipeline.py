@@ -14,8 +14,7 @@ from PIL import Image
 
 from data_prep.reader import decode_image as pil_decode
 from pretrain.data.device_decode import decode_batch, is_jpeg, split_encoded
-
-CIFAR10 = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
+from tests.paths import CIFAR10
 
 
 def encode(img: Image.Image, fmt: str, **kw) -> torch.Tensor:
@@ -114,11 +113,13 @@ def test_cuda_decode_leaves_memory_the_training_stream_still_reads_alone():
 RECIPES = Path(__file__).resolve().parents[1] / "pretrain" / "recipes" / "debug"
 
 
-def first_batch_views(shards: Path, pipeline: str, aug, kind: str) -> tuple[list, torch.Tensor]:
+def first_batch_views(
+    shards: Path, pipeline: str, aug, kind: str, decode: str = "device"
+) -> tuple[list, torch.Tensor]:
     from pretrain.data import TrainLoader
     from pretrain.data.pipeline import InputPipeline
 
-    inputs = InputPipeline(kind, aug, pipeline, torch.device("cpu"), channels_last=False)
+    inputs = InputPipeline(kind, aug, pipeline, torch.device("cpu"), False, decode)
     loader = TrainLoader(shards, inputs.worker_fn, 8, 0, seed=5, rank=0, world_size=1,
                          shuffle_buffer=32)  # fmt: skip
     batch = next(iter(loader))
@@ -144,6 +145,47 @@ def test_device_views_equal_worker_views_sample_for_sample(cifar_train_shards, m
         assert diff.mean() < 0.01, float(diff.mean())
     shuffled = ((worker[0] - device[0].roll(1, 0)) * std).abs().mean()
     assert shuffled > 0.05  # a mismatch of samples would be far larger
+
+
+def test_worker_decode_gives_the_device_decodes_views(cifar_train_shards):
+    """``data.decode=workers``: same samples, and (both decoders being libjpeg-turbo on the
+    CPU here) exactly the same views as the batched decode."""
+    from pretrain.config import load_config
+
+    aug = load_config(RECIPES / "dino.yaml").data.aug
+    by_device, idx_d = first_batch_views(cifar_train_shards, "device", aug, "multi_crop")
+    by_workers, idx_w = first_batch_views(
+        cifar_train_shards, "device", aug, "multi_crop", decode="workers"
+    )
+    assert torch.equal(idx_d, idx_w)
+    assert all(torch.equal(a, b) for a, b in zip(by_device, by_workers, strict=True))
+
+
+def test_decoded_views_ship_pixels_and_the_same_parameters():
+    """The workers' half of ``data.decode=workers``: pixels as decoded, parameters identical
+    to the bytes-only workers' for the same seed, a mixed-size batch through one flat buffer and
+    back, and a body-corrupt JPEG raising (the stream then counts it as corrupt)."""
+    from pretrain.data.batched_views import view_specs
+    from pretrain.data.pipeline import DecodedViews, EncodedViews, split_pixels
+    from pretrain.data.views import AugConfig
+
+    specs = view_specs("two_view", AugConfig())
+    payloads = [*real_jpegs(2), encode(smooth_image(40, 56, 1), "PNG").numpy().tobytes()]
+    samples = []
+    for seed, data in enumerate(payloads):
+        torch.manual_seed(seed)
+        samples.append(DecodedViews(specs)(data))
+        torch.manual_seed(seed)
+        _, params = EncodedViews(specs)(data)
+        assert torch.equal(samples[-1][1], params)
+        assert torch.equal(samples[-1][0], as_tensor(pil_decode(data)))
+    batch = DecodedViews.collate(samples)
+    assert batch["shapes"].tolist() == [[32, 32], [32, 32], [40, 56]]
+    images = split_pixels(batch["pixels"], batch["shapes"])
+    assert all(torch.equal(a, b) for a, (b, _) in zip(images, samples, strict=True))
+    body_cut = encode(smooth_image(64, 64, 4), "JPEG").numpy().tobytes()[:200]
+    with pytest.raises(Exception, match="(?i)truncated|incomplete"):
+        DecodedViews(specs)(body_cut)
 
 
 def test_training_through_the_device_pipeline_resumes_exactly(cifar_train_shards, tmp_path):

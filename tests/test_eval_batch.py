@@ -17,6 +17,7 @@ from eval.results import dataset_name, read_results
 from eval.tables import COLUMNS
 from pretrain.backbones import BackboneConfig, build_backbone
 from pretrain.export import export_backbone
+from tests.paths import RACCOON
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -183,9 +184,6 @@ def test_submit_dry_run_one_command_per_missing_pair(
         f"linear {exports[1]}",
     ]
     assert "#SBATCH --array=0-2" in proc.stdout  # 3 tasks
-
-
-RACCOON = Path(__file__).resolve().parents[2] / "shared" / "data" / "detection" / "raccoon"
 
 
 @pytest.mark.skipif(not RACCOON.is_dir(), reason=f"raccoon set not at {RACCOON}")

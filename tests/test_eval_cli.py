@@ -16,9 +16,10 @@ from eval.__main__ import build_parser, main
 from eval.results import format_table
 from pretrain.backbones import BackboneConfig, build_backbone
 from pretrain.export import export_backbone
+from tests.paths import CIFAR10
 
 REPO = Path(__file__).resolve().parents[1]
-CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
+CIFAR = CIFAR10
 RECORD_KEYS = {
     "checkpoint",
     "sha256",

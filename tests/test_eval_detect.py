@@ -14,8 +14,8 @@ from eval.detection.data import CocoDetection
 from eval.detection.models import SimpleFeaturePyramid, dynamic_vit, resnet_fpn
 from pretrain.backbones import BackboneConfig, build_backbone
 from pretrain.export import export_backbone
+from tests.paths import RACCOON
 
-RACCOON = Path(__file__).resolve().parents[2] / "shared" / "data" / "detection" / "raccoon"
 TINY_VIT = BackboneConfig(name="vit_tiny_patch16_224", kwargs={"depth": 1})
 FAST = ("--iters", "3", "--warmup-iters", "1", "--batch-size", "2", "--min-size", "160",
         "--max-size", "224", "--max-train", "16", "--max-val", "4", "--num-workers", "0",

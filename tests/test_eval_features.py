@@ -17,8 +17,9 @@ from data_prep.writer import WriteOptions, write_shards
 from eval.features import check_labelled, extract_features, gather_by_index
 from eval.load import EvalInputError
 from pretrain.backbones import BackboneConfig, build_backbone
+from tests.paths import CIFAR10
 
-CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
+CIFAR = CIFAR10
 needs_cifar = pytest.mark.skipif(not CIFAR.is_dir(), reason=f"no CIFAR-10 image folder at {CIFAR}")
 
 

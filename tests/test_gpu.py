@@ -96,17 +96,22 @@ def test_deepspeed_bf16_on_nccl_follows_ddp(
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("method", ["simclr", "dino", "mae"])
+@pytest.mark.parametrize(
+    ("method", "decode"),
+    [("simclr", "device"), ("dino", "device"), ("mae", "device"), ("simclr", "workers")],
+)
 def test_cuda_device_pipeline_trains_and_resumes_exactly(
-    cifar_train_shards: Path, tmp_path: Path, method: str
+    cifar_train_shards: Path, tmp_path: Path, method: str, decode: str
 ) -> None:
-    """GPU decode + batched augmentation in real runs: finite losses, and a resume that
-    reproduces the uninterrupted run (views are a function of the per-sample seed)."""
+    """GPU decode (or worker decode) + batched augmentation in real runs: finite losses, and a
+    resume that reproduces the uninterrupted run (views are a function of the per-sample
+    seed)."""
 
     def run(run_dir: Path, *extra: str):
         cfg = load_config(RECIPES / f"{method}.yaml", [
             f"data.train={cifar_train_shards}", f"run.dir={run_dir}", "run.total_steps=6",
-            "data.pipeline=device", "data.num_workers=2", "checkpoint.every=100", *extra,
+            "data.pipeline=device", f"data.decode={decode}", "data.num_workers=2",
+            "checkpoint.every=100", *extra,
         ])  # fmt: skip
         return train(cfg)
 

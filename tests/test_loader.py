@@ -27,8 +27,9 @@ from pretrain.data import (
     eval_transform,
     merge_states,
 )
+from tests.paths import CIFAR10
 
-CIFAR = Path("/work/shared/data/cifar10/train")
+CIFAR = CIFAR10 / "train"
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 SHARD_SIZES = [50, 30, 45, 40, 35, 40]  # 240 samples, deliberately unequal
 N = sum(SHARD_SIZES)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pickle
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,8 +12,9 @@ from torchvision import transforms as T
 
 from pretrain.data import AugConfig, ViewMaker, eval_transform, two_view_transforms
 from pretrain.data.views import blur_kernel_size
+from tests.paths import CIFAR10
 
-CIFAR_IMAGE = Path("/work/shared/data/cifar10/train/cat")
+CIFAR_IMAGE = CIFAR10 / "train" / "cat"
 
 
 @pytest.fixture(scope="module")

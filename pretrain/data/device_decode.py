@@ -99,15 +99,22 @@ def _decode_jpegs(encoded: list[torch.Tensor], device: torch.device) -> list[tor
     return out
 
 
-def _decode_one(encoded: torch.Tensor, device: torch.device) -> torch.Tensor | None:
-    """CPU decode of one image (torchvision, then PIL), moved to ``device``."""
+def decode_on_cpu(encoded: torch.Tensor) -> torch.Tensor:
+    """One image (uint8 ``[n]``) -> RGB uint8 ``[3, H, W]`` on the CPU: torchvision
+    (libjpeg-turbo, libpng, ...), then PIL for what torchvision cannot read; PIL's error when
+    nothing can decode the bytes."""
     try:
-        image = decode_image(encoded, mode=ImageReadMode.RGB)
+        return decode_image(encoded, mode=ImageReadMode.RGB)
     except RuntimeError:
-        try:
-            pil = pil_decode(encoded.numpy().tobytes())
-        except Exception as exc:  # any PIL failure: the bytes are not an image
-            log.debug("undecodable image (%s: %s)", type(exc).__name__, exc)
-            return None
-        image = torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1)
+        pil = pil_decode(encoded.numpy().tobytes())
+        return torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1)
+
+
+def _decode_one(encoded: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    """CPU decode of one image, moved to ``device`` (``None``: undecodable)."""
+    try:
+        image = decode_on_cpu(encoded)
+    except Exception as exc:  # any PIL failure: the bytes are not an image
+        log.debug("undecodable image (%s: %s)", type(exc).__name__, exc)
+        return None
     return image.to(device, non_blocking=True)

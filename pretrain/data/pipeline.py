@@ -8,7 +8,10 @@
   the CPU path draws them: :func:`pretrain.data.batched_views.draw_params`); the trainer decodes
   the whole batch on the device (:mod:`pretrain.data.device_decode`) and applies the views as
   batched ops with per-sample parameters (:func:`pretrain.data.batched_views.apply_views`).
-  It also runs on the CPU (tests), just slower than ``workers`` there.
+  It also runs on the CPU (tests), just slower than ``workers`` there. With
+  ``data.decode=workers`` the workers decode too (libjpeg-turbo on the CPU) and the device only
+  augments: for small images (CIFAR's 32x32), where a batched GPU decode costs the host more
+  per image than a worker's CPU decode does, while the pixels travel as one flat uint8 buffer.
 
 Both paths implement the same view recipes and draw identical parameters for a given (seed,
 epoch, sample), so a resume is exact in either, and the data position is the loader's in both.
@@ -27,7 +30,7 @@ import torch
 from PIL import Image
 
 from pretrain.data.batched_views import ViewSpec, apply_views, draw_params, view_specs
-from pretrain.data.device_decode import decode_batch, split_encoded
+from pretrain.data.device_decode import decode_batch, decode_on_cpu, split_encoded
 from pretrain.data.views import AugConfig, ViewMaker, view_maker
 
 log = logging.getLogger(__name__)
@@ -71,19 +74,57 @@ class EncodedViews:
         }
 
 
+class DecodedViews(EncodedViews):
+    """``data.decode=workers``: as :class:`EncodedViews`, but the worker decodes the image too
+    (:func:`~pretrain.data.device_decode.decode_on_cpu`; undecodable bytes raise, and the
+    stream counts the sample as corrupt) and ships its pixels."""
+
+    def __call__(self, data: bytes) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(pixels [3, H, W] uint8, params [V, P])``."""
+        image = decode_on_cpu(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+        return image, draw_params(self.specs, image.shape[1], image.shape[2])
+
+    @staticmethod
+    def collate(samples: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """``pixels [sum 3 H_i W_i]`` uint8 (one buffer to pin and send), ``shapes [b, 2]``
+        (H_i, W_i), ``params [b, V, P]``."""
+        return {
+            "pixels": torch.cat([image.reshape(-1) for image, _ in samples]),
+            "shapes": torch.tensor([tuple(image.shape[1:]) for image, _ in samples]),
+            "params": torch.stack([p for _, p in samples]),
+        }
+
+
+def split_pixels(pixels: torch.Tensor, shapes: torch.Tensor) -> list[torch.Tensor]:
+    """The flat buffer of :meth:`DecodedViews.collate` back into B images ``[3, H_i, W_i]``
+    (views of ``pixels``, on its device); ``shapes`` ``[B, 2]`` on the CPU."""
+    sizes = [3 * h * w for h, w in shapes.tolist()]
+    parts = pixels.split(sizes)
+    return [part.view(3, h, w) for part, (h, w) in zip(parts, shapes.tolist(), strict=True)]
+
+
 class InputPipeline:
     """Turns a loader batch into the views on the device: ``views(batch) -> [per view:
     [b, 3, H, W]]`` (float32, normalised; channels-last when asked)."""
 
     def __init__(
-        self, kind: str, aug: AugConfig, name: str, device: torch.device, channels_last: bool
+        self,
+        kind: str,
+        aug: AugConfig,
+        name: str,
+        device: torch.device,
+        channels_last: bool,
+        decode: str = "device",
     ) -> None:
+        if decode not in ("device", "workers"):
+            raise ValueError(f"data.decode: {decode!r} is not device or workers")
         self.name = resolve_pipeline(name, device)
         self.device, self.channels_last = device, channels_last
         self.specs = view_specs(kind, aug) if self.name == "device" else []
-        self.worker_fn: ViewMaker | EncodedViews = (
-            EncodedViews(self.specs) if self.name == "device" else view_maker(kind, aug)
-        )
+        self.worker_fn: ViewMaker | EncodedViews = view_maker(kind, aug)
+        if self.name == "device":
+            worker_views = DecodedViews if decode == "workers" else EncodedViews
+            self.worker_fn = worker_views(self.specs)
         self.corrupt_count = 0  # samples the device decoder could not read
 
     def views(self, batch: dict[str, Any]) -> list[torch.Tensor]:
@@ -99,6 +140,8 @@ class InputPipeline:
 
     def decode(self, batch: dict[str, Any]) -> list[torch.Tensor]:
         """Decoded RGB uint8 images on the device; unreadable ones replaced (see module doc)."""
+        if "pixels" in batch:  # decoded by the workers
+            return split_pixels(batch["pixels"].to(self.device, non_blocking=True), batch["shapes"])
         images = decode_batch(split_encoded(batch["encoded"], batch["offsets"]), self.device)
         good = next((im for im in images if im is not None), None)
         if good is None:
