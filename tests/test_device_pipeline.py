@@ -108,6 +108,23 @@ def test_cuda_decode_leaves_memory_the_training_stream_still_reads_alone():
     assert corrupted == 0
 
 
+@pytest.mark.gpu
+def test_side_stream_outputs_are_ready_on_the_training_stream():
+    """What a side stream made behind a ~0.05 s sleep kernel is complete when the training
+    stream reads it right after the hand-over (it waits for the side stream)."""
+    from pretrain.data.streams import handed_over
+
+    device = torch.device("cuda")
+
+    def make():
+        torch.cuda._sleep(50_000_000)
+        return [torch.full((1 << 20,), 3.0, device=device), None]
+
+    for _ in range(5):
+        made, missing = handed_over(make, device, "test")
+        assert missing is None and made.sum().item() == 3.0 * (1 << 20)
+
+
 # --- training through the device pipeline ---------------------------------------------------
 
 RECIPES = Path(__file__).resolve().parents[1] / "pretrain" / "recipes" / "debug"

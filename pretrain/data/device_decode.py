@@ -9,17 +9,16 @@ decode comes back as ``None``; the caller decides what to do with it.
 **CUDA streams.** torchvision's CUDA decoder allocates its outputs on the caller's current
 stream but writes them from its own stream (and nvJPEG's hardware engine does not wait for work
 queued before it), without ordering either against the caller's stream (pytorch/vision#9606,
-reproduced on H100s: 199 of 200 trials corrupted). Memory that a queued training kernel still
-reads, freed on the host a moment ago, can then be handed to the decoder and overwritten. So on
-CUDA the batch is decoded with a dedicated stream current: its outputs come from that stream's
-pool of blocks, which only ever held decoded images; each image is marked as used by the
-training stream (``record_stream``), so its block returns to the pool only once the training
-stream is past it; the training stream waits for the decode stream before using the images.
+reproduced on H100s: 199 of 200 trials corrupted). Memory that a queued kernel still reads,
+freed on the host a moment ago, can then be handed to the decoder and overwritten. So on CUDA
+the batch is decoded with a stream of its own current (:mod:`pretrain.data.streams`): its
+outputs come from that stream's pool of blocks, which only ever held decoded images, each
+handed over to the calling stream (``record_stream``: its block returns to the pool only once
+the caller's stream is past it).
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Sequence
 
@@ -28,6 +27,7 @@ import torch
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
 from data_prep.reader import decode_image as pil_decode
+from pretrain.data.streams import handed_over
 
 log = logging.getLogger(__name__)
 
@@ -53,21 +53,7 @@ def decode_batch(
     stream (CUDA: decoded on a side stream, see the module doc)."""
     if device.type != "cuda":
         return _decode_all(encoded, device)
-    consumer = torch.cuda.current_stream(device)
-    side = decode_stream(device)
-    with torch.cuda.stream(side):
-        images = _decode_all(encoded, device)
-    consumer.wait_stream(side)
-    for image in images:
-        if image is not None:
-            image.record_stream(consumer)
-    return images
-
-
-@functools.cache
-def decode_stream(device: torch.device) -> torch.cuda.Stream:
-    """The stream CUDA decodes run with (one per device)."""
-    return torch.cuda.Stream(device)
+    return handed_over(lambda: _decode_all(encoded, device), device, "decode")
 
 
 def _decode_all(encoded: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:

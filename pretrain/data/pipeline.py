@@ -17,6 +17,10 @@ Both paths implement the same view recipes and draw identical parameters for a g
 epoch, sample), so a resume is exact in either, and the data position is the loader's in both.
 A sample whose bytes the device decoder cannot read (a corrupt JPEG body: the header was fine)
 is replaced by another image of the batch, keeping the batch size, and counted as corrupt.
+
+On CUDA the views of a batch (copies, decode, augmentation) are made on a side stream
+(:mod:`pretrain.data.streams`): the trainer queues them while the previous step's kernels still
+run, and there they run alongside those kernels rather than after them; the step waits for them.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from PIL import Image
 
 from pretrain.data.batched_views import ViewSpec, apply_views, draw_params, view_specs
 from pretrain.data.device_decode import decode_batch, decode_on_cpu, split_encoded
+from pretrain.data.streams import handed_over
 from pretrain.data.views import AugConfig, ViewMaker, view_maker
 
 log = logging.getLogger(__name__)
@@ -128,7 +133,14 @@ class InputPipeline:
         self.corrupt_count = 0  # samples the device decoder could not read
 
     def views(self, batch: dict[str, Any]) -> list[torch.Tensor]:
-        """The batch's views on the device."""
+        """The batch's views on the device, ready for the current stream (made on a side
+        stream on CUDA, see the module doc)."""
+        if self.device.type != "cuda":
+            return self.make_views(batch)
+        return handed_over(lambda: self.make_views(batch), self.device, "views")
+
+    def make_views(self, batch: dict[str, Any]) -> list[torch.Tensor]:
+        """The batch's views on the device, made on the current stream."""
         if self.name == "workers":
             views = [v.to(self.device, non_blocking=True) for v in batch["views"]]
         else:
