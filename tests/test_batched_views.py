@@ -16,13 +16,9 @@ import torchvision.transforms.functional as TF
 from PIL import Image, ImageOps
 from torchvision import transforms as T
 
-from pretrain.data.batched_views import (
-    PARAM_NAMES,
-    ViewSpec,
+from pretrain.data.batched_ops import (
     adjust_hue,
-    apply_views,
     blend_op,
-    draw_params,
     filter_taps,
     gaussian_blur,
     grayscale,
@@ -31,6 +27,12 @@ from pretrain.data.batched_views import (
     resized_crop,
     size_groups,
     solarize,
+)
+from pretrain.data.batched_views import (
+    PARAM_NAMES,
+    ViewSpec,
+    apply_views,
+    draw_params,
     view_specs,
 )
 from pretrain.data.views import AugConfig, view_maker
