@@ -12,8 +12,6 @@ import torch
 from data_prep.writer import WriteOptions, write_shards
 from tests.paths import CIFAR10
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 def cifar_subset(dest: Path, split: str, per_class: int) -> Path:
     """A class-folder tree of symlinks to the first ``per_class`` images of each class."""

@@ -126,10 +126,13 @@ class InputPipeline:
         self.name = resolve_pipeline(name, device)
         self.device, self.channels_last = device, channels_last
         self.specs = view_specs(kind, aug) if self.name == "device" else []
-        self.worker_fn: ViewMaker | EncodedViews = view_maker(kind, aug)
-        if self.name == "device":
-            worker_views = DecodedViews if decode == "workers" else EncodedViews
-            self.worker_fn = worker_views(self.specs)
+        self.worker_fn: ViewMaker | EncodedViews
+        if self.name == "workers":
+            self.worker_fn = view_maker(kind, aug)
+        elif decode == "workers":
+            self.worker_fn = DecodedViews(self.specs)
+        else:
+            self.worker_fn = EncodedViews(self.specs)
         self.corrupt_count = 0  # samples the device decoder could not read
 
     def views(self, batch: dict[str, Any]) -> list[torch.Tensor]:

@@ -106,11 +106,17 @@ class Item(NamedTuple):
     counts: bool = False  # this lost sample carries its shard's one corrupt count
 
 
-def decode_sample(raw: RawSample) -> tuple[Image.Image, int]:
-    """``(RGB image, label)`` of a raw sample; label -1 when unlabelled. Raises on bad data."""
+def sample_bytes(raw: RawSample) -> tuple[bytes, int]:
+    """``(encoded image bytes, label)`` of a raw sample; label -1 when unlabelled."""
     _, data = raw.image_bytes()
     label = raw.label()
-    return decode_image(data), -1 if label is None else label
+    return data, -1 if label is None else label
+
+
+def decode_sample(raw: RawSample) -> tuple[Image.Image, int]:
+    """``(RGB image, label)`` of a raw sample; label -1 when unlabelled. Raises on bad data."""
+    data, label = sample_bytes(raw)
+    return decode_image(data), label
 
 
 def stack_views(payloads: list[list[torch.Tensor]]) -> dict[str, list[torch.Tensor]]:
@@ -290,11 +296,11 @@ class ShardStream(IterableDataset):
         seed = sample_seed(self.seed, epoch, item.index)
         encoded = getattr(self.view_fn, "takes_bytes", False)
         try:
+            data, label = sample_bytes(item.raw)
             if encoded:  # the view function reads the header (bad bytes raise) and draws params
-                data, label = item.raw.image_bytes()[1], item.raw.label()
-                views, label = self._views(data, seed, protect_rng), -1 if label is None else label
+                views = self._views(data, seed, protect_rng)
             else:
-                img, label = decode_sample(item.raw)
+                img = decode_image(data)
         except Exception as exc:  # any decoder failure on bad bytes: skip the sample
             log.warning(
                 "corrupt sample %s in shard %s (index %d): %s: %s",
