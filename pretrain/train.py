@@ -19,7 +19,7 @@ from pretrain.data.pipeline import InputPipeline
 from pretrain.dist import DistInfo, all_reduce_sums, detect_launch, init_distributed, pick_device
 from pretrain.engine import Engine, build_engine, check_engine_supports, plain_model_state
 from pretrain.export import export_backbone
-from pretrain.methods import Method, StepState, build_method
+from pretrain.methods import LossOutput, Method, StepState, build_method
 from pretrain.metrics import MetricsLogger, SampleKeyLog, Throughput
 from pretrain.optim import apply_schedule, build_optimizer
 from pretrain.preemption import StopRequest
@@ -90,9 +90,7 @@ def run_steps(run: Run, stop: StopRequest) -> int:
             sample_log.log(step + 1, batch["epoch"].tolist(), batch["index"].tolist())
         views = run.inputs.views(batch)  # device pipeline: decode + augment here, batched
         meter.add(views[0].shape[0] * run.info.world_size, time.perf_counter() - t0)
-        apply_schedule(run.optimizer, run.lr_at(step), run.weight_decay_at(step))
-        state = StepState(step=step, total_steps=cfg.run.total_steps)
-        out, logs = train_step(run.method, run.engine, run.optimizer, views, state)
+        out, logs = step_once(run, views, step)
         step += 1
         if step % cfg.log.every == 0 or step == end:
             if out.embeddings is not None:
@@ -111,6 +109,16 @@ def run_steps(run: Run, stop: StopRequest) -> int:
             )
             break
     return step
+
+
+def step_once(
+    run: Run, views: list[torch.Tensor], step: int
+) -> tuple[LossOutput, dict[str, float]]:
+    """Training step ``step`` (0-based) on ``views``: its lr and weight decay, then
+    :func:`~pretrain.step.train_step`."""
+    apply_schedule(run.optimizer, run.lr_at(step), run.weight_decay_at(step))
+    state = StepState(step=step, total_steps=run.cfg.run.total_steps)
+    return train_step(run.method, run.engine, run.optimizer, views, state)
 
 
 def build_run(cfg: Config, with_data: bool = True) -> Run:

@@ -4,7 +4,7 @@ Each input mode builds its own run with the trainer's :func:`~pretrain.train.bui
 fresh temporary ``run.dir`` (no resume, no checkpoint, no export, no TensorBoard), trains
 ``--warmup`` untimed steps (compile, kernel selection, loader workers starting), then:
 
-* ``--steps`` timed steps with the trainer's own :func:`~pretrain.step.train_step`, run as the
+* ``--steps`` timed steps with the trainer's own :func:`~pretrain.train.step_once`, run as the
   trainer runs them, with no device synchronisation between steps (the device pipeline's decode
   and augmentation of the next batch overlap the current step's kernels, as in training):
   ``images_per_s`` and ``step_s`` come from their wall time (synchronised at both ends);
@@ -12,7 +12,7 @@ fresh temporary ``run.dir`` (no resume, no checkpoint, no export, no TensorBoard
   ``run.inputs.views``), the trainer's ``data-wait``;
 * ``--split-steps`` synchronised steps that split a step in two, one part after the other::
 
-      t0; views = next(feed); sync; t1; apply_schedule + train_step; sync; t2
+      t0; views = next(feed); sync; t1; step_once; sync; t2
       data_s = t1 - t0 (batch, decode, augment), compute_s = t2 - t1 (the model's step)
 
 * one more step under ``FlopCounterMode`` to count the FLOPs of a step.
@@ -195,19 +195,11 @@ def shard_feed(run: Any) -> Feed:
 
 
 def train_one(run: Any, views: list[torch.Tensor], step: int) -> None:
-    """One training step exactly as the loop does it: schedule, then train_step."""
-    from pretrain.methods import StepState
-    from pretrain.optim import apply_schedule
-    from pretrain.step import train_step
+    """One training step as the trainer's loop takes it (imported here, not at the top, so
+    ``--help`` does not load the models)."""
+    from pretrain.train import step_once
 
-    apply_schedule(run.optimizer, run.lr_at(step), run.weight_decay_at(step))
-    train_step(
-        run.method,
-        run.engine,
-        run.optimizer,
-        views,
-        StepState(step=step, total_steps=run.cfg.run.total_steps),
-    )
+    step_once(run, views, step)
 
 
 def timed_steps(run: Any, feed: Feed, options: BenchOptions) -> Measured:
