@@ -103,9 +103,9 @@ class DecodedViews(EncodedViews):
 def split_pixels(pixels: torch.Tensor, shapes: torch.Tensor) -> list[torch.Tensor]:
     """The flat buffer of :meth:`DecodedViews.collate` back into B images ``[3, H_i, W_i]``
     (views of ``pixels``, on its device); ``shapes`` ``[B, 2]`` on the CPU."""
-    sizes = [3 * h * w for h, w in shapes.tolist()]
-    parts = pixels.split(sizes)
-    return [part.view(3, h, w) for part, (h, w) in zip(parts, shapes.tolist(), strict=True)]
+    hw = shapes.tolist()
+    parts = pixels.split([3 * h * w for h, w in hw])
+    return [part.view(3, h, w) for part, (h, w) in zip(parts, hw, strict=True)]
 
 
 class InputPipeline:
