@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 from pretrain.logging_setup import setup_logging
@@ -80,11 +81,22 @@ def main(argv: list[str] | None = None) -> int:
     if result.export_dir is not None:
         print(f"exported: {result.export_dir}")
     status = EXIT_REQUEUE if result.stopped_by_signal else 0
+    if status == EXIT_REQUEUE:
+        ignore_termination_while_leaving()
     from pretrain.dist import shutdown
 
     shutdown()
     logging.shutdown()
     return status
+
+
+def ignore_termination_while_leaving() -> None:
+    """Ignore SIGTERM from here on: this rank has saved its checkpoint and is exiting with
+    EXIT_REQUEUE. The ranks of a job leave a moment apart, and ``srun --kill-on-bad-exit`` (or
+    torchrun's agent) answers the first rank's non-zero status by SIGTERMing the others; a rank
+    killed during its own teardown then reports "Terminated" instead of 75 and the job is not
+    requeued (seen once in CI's Slurm preemption test)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 if __name__ == "__main__":
